@@ -1,0 +1,3 @@
+from catdog.cli import main
+
+raise SystemExit(main())

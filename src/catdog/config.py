@@ -1,0 +1,103 @@
+"""The run configuration: one frozen dataclass, saved as config.json in every run folder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODELS = ("resnet", "seed")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+def default_data_dir() -> Path:
+    """The embedded cats-vs-dogs set (or $CATDOG_DATA when set)."""
+    if os.environ.get("CATDOG_DATA"):
+        return Path(os.environ["CATDOG_DATA"])
+    return Path(__file__).resolve().parents[2] / "data" / "cats_and_dogs"
+
+
+# Per-model training recipes; a command-line flag overrides any field.
+RECIPES: dict[str, dict] = {
+    # The seed's recipe, as in seed_keras.py: Adam 1e-3, batch 32, 25 epochs, shear/zoom/flip.
+    "seed": dict(epochs=25, batch_size=32, lr=1e-3, weight_decay=0.0, optimizer="adam", schedule="constant",
+                 image_size=64, label_smoothing=0.0, crop=0.0, jitter=0.0, erase=0.0, ema=0.0, tta=False),
+    # The default from-scratch recipe (see benchmarks/accuracy.md for how it was chosen).
+    "resnet": dict(epochs=40, batch_size=64, lr=3e-3, weight_decay=5e-2, optimizer="adamw", schedule="onecycle",
+                   image_size=64, label_smoothing=0.1, crop=0.25, jitter=0.2, erase=0.25, ema=0.0, tta=True),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = field(default_factory=lambda: str(default_data_dir()))  # dataset root (DIR/<class>/ or DIR/train/<class>/)
+    out: str = "runs/train"  # run folder
+    model: str = "resnet"  # network: "resnet" (default) or "seed" (the seed's exact CNN)
+    epochs: int = 40  # passes over the training split
+    image_size: int = 64  # images are resized to image_size x image_size
+    batch_size: int = 64  # images per optimisation step
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 5e-2  # decoupled (AdamW) or L2 (Adam) weight decay
+    optimizer: str = "adamw"  # "adam" or "adamw"
+    schedule: str = "onecycle"  # learning-rate schedule: "constant", "onecycle" or "cosine"
+    label_smoothing: float = 0.1  # targets pulled towards 0.5 by this amount
+    shear: float = 0.2  # random shear factor range (+/-), as the seed
+    zoom: float = 0.2  # random zoom range (+/-), as the seed
+    flip: bool = True  # random horizontal flip, as the seed
+    crop: float = 0.25  # extra random-resized-crop strength (0 = off)
+    jitter: float = 0.2  # colour jitter strength (brightness/contrast/saturation, 0 = off)
+    erase: float = 0.25  # probability of random erasing (0 = off)
+    ema: float = 0.0  # exponential moving average of weights (decay, 0 = off)
+    tta: bool = True  # average predictions over the image and its horizontal flip
+    val_fraction: float = 0.1  # stratified share of train held out to choose the checkpoint
+    seed: int = 0  # seeds the split, the shuffling, the augmentation and the weights
+    threads: int = 0  # torch intra-op threads (0 = all cores)
+    workers: int = 0  # processes decoding images (0 = one per core)
+    bf16: bool = False  # bfloat16 autocast for the forward pass (CPU with AMX, or CUDA)
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, not {self.schedule!r}")
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError("image_size must be between 16 and 1024")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("val_fraction must be in [0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if not 0 <= self.ema < 1:
+            raise ValueError("ema must be in [0, 1)")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError("device must be cpu, cuda or auto")
+
+    @classmethod
+    def for_model(cls, model: str = "resnet", **overrides) -> "TrainConfig":
+        """The model's recipe, with the given fields overridden (None values are ignored)."""
+        if model not in RECIPES:
+            raise ValueError(f"model must be one of {MODELS}, not {model!r}")
+        fields = {**RECIPES[model], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(model=model, **fields)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_json(Path(path).read_text())

@@ -1,0 +1,254 @@
+"""Folder-per-class datasets: scan, decode robustly, resize, cache, split."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from catdog import fileio
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_PIXELS = 50_000_000  # images larger than this are refused unread (decompression bombs)
+CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear reason
+
+
+class DataError(Exception):
+    """A dataset folder that cannot be used at all (missing, no classes, no images)."""
+
+
+class SkipImage(Exception):
+    """One file that cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split, resized, as uint8 (N, S, S, 3)."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) int64, index into classes
+    paths: list[str]
+    classes: list[str]
+    skipped: list[dict] = field(default_factory=list)  # [{"path": ..., "reason": ...}]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[idx], self.labels[idx], [self.paths[i] for i in idx], self.classes, self.skipped)
+
+
+# --- decoding ---------------------------------------------------------------------------------------------
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        elif img.mode != "F" and (img.mode.startswith("I;16") or arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 16-bit range to 8-bit
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(source, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Open a path, bytes or file object as an upright RGB image, or raise SkipImage with the reason."""
+    if isinstance(source, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(source) or source)
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise SkipImage("empty file")
+        source = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        try:
+            if os.path.getsize(source) == 0:
+                raise SkipImage("empty file")
+        except OSError as e:
+            raise SkipImage(f"cannot read file: {e.strerror or e}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(source)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise SkipImage(f"too many pixels ({w}x{h} > {max_pixels:,}): possible decompression bomb")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))  # decode at 1/2, 1/4 or 1/8 scale: much faster
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img) or img
+            except Exception:  # a broken EXIF block should not cost the image
+                pass
+            return _to_rgb(img)
+    except SkipImage:
+        raise
+    except UnidentifiedImageError:
+        raise SkipImage("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise SkipImage(f"possible decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise SkipImage(f"truncated or corrupt image: {e}") from None
+
+
+def decode_image(source, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image to a (S, S, 3) uint8 array, resized without keeping the aspect ratio (as the seed)."""
+    img = open_image(source, max_pixels, draft_size=image_size)
+    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_many(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | None, str | None]]:
+    paths, image_size, max_pixels = args
+    out = []
+    for p in paths:
+        try:
+            out.append((decode_image(p, image_size, max_pixels), None))
+        except SkipImage as e:
+            out.append((None, str(e)))
+    return out
+
+
+def decode_files(paths: list[str], image_size: int, workers: int = 0, max_pixels: int = MAX_PIXELS,
+                 progress: bool = False) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Decode many files, in parallel worker processes when it pays; returns (arrays, reasons)."""
+    workers = workers or (os.cpu_count() or 1)
+    chunk = 64
+    chunks = [(paths[i:i + chunk], image_size, max_pixels) for i in range(0, len(paths), chunk)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), desc="decode", unit="img", leave=False)
+    results: list[tuple[np.ndarray | None, str | None]] = []
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(_decode_many, chunks):
+                results.extend(part)
+                bar and bar.update(len(part))
+    else:
+        for c in chunks:
+            part = _decode_many(c)
+            results.extend(part)
+            bar and bar.update(len(part))
+    bar and bar.close()
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+# --- scanning ---------------------------------------------------------------------------------------------
+
+def is_image_file(path: Path) -> bool:
+    """An image by extension, not hidden."""
+    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+
+
+def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted sub-folder names) and (path, label) pairs of every image file under them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"no class sub-folders in {root} (expected {root}/<class>/<image files>)")
+    items = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            items += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_file(Path(f))]
+    if not items:
+        raise DataError(f"no image files in the class folders of {root}")
+    return classes, items
+
+
+def split_dir(root: str | Path, split: str) -> Path:
+    """The folder of a split: ROOT/<split> when it exists, else ROOT itself (a plain folder-per-class set)."""
+    root = Path(root)
+    if (root / split).is_dir():
+        return root / split
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    return root
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CATDOG_CACHE") or Path.home() / ".cache" / "catdog")
+
+
+def _cache_key(root: Path, items: list[tuple[str, int]], classes: list[str], image_size: int) -> str:
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, image_size, classes]).encode())
+    for path, label in items:
+        st = os.stat(path)
+        h.update(f"{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def load_folder(root: str | Path, image_size: int = 64, cache: bool | str | Path = True, workers: int = 0,
+                progress: bool = False, max_pixels: int = MAX_PIXELS) -> ImageSet:
+    """Decode every image of a folder-per-class set once; later calls read the cached arrays."""
+    root = Path(root)
+    classes, items = scan_folder(root)
+    cache_file = None
+    if cache:
+        cache_dir = default_cache_dir() if cache is True else Path(cache)
+        cache_file = cache_dir / f"{_cache_key(root, items, classes, image_size)}-{image_size}px.npz"
+        if cache_file.exists():
+            try:
+                with np.load(cache_file, allow_pickle=False) as z:
+                    meta = json.loads(str(z["meta"]))
+                    return ImageSet(z["images"], z["labels"], meta["paths"], meta["classes"], meta["skipped"])
+            except Exception:
+                pass  # a damaged cache is rebuilt
+    paths = [p for p, _ in items]
+    arrays, reasons = decode_files(paths, image_size, workers, max_pixels, progress)
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    images = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, image_size, image_size, 3), np.uint8)
+    labels = np.array([items[i][1] for i in keep], dtype=np.int64)
+    skipped = [{"path": paths[i], "reason": reasons[i]} for i, a in enumerate(arrays) if a is None]
+    data = ImageSet(images, labels, [paths[i] for i in keep], classes, skipped)
+    if cache_file is not None:
+        try:
+            meta = json.dumps({"paths": data.paths, "classes": classes, "skipped": skipped})
+            with fileio.atomic_open(cache_file, "wb") as f:
+                np.savez(f, images=images, labels=labels, meta=np.array(meta))
+        except OSError:
+            pass  # a read-only cache folder only costs speed
+    return data
+
+
+def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified, seeded (train, validation) split of indices; fraction 0 gives no validation."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) > 1:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def skip_summary(skipped: list[dict]) -> str:
+    """One line: how many files were skipped, by reason."""
+    if not skipped:
+        return "no files skipped"
+    kinds: dict[str, int] = {}
+    for s in skipped:
+        kind = s["reason"].split(":")[0].split(" (")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return f"skipped {len(skipped)} file(s): " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))

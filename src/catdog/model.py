@@ -1,0 +1,117 @@
+"""The networks: the seed's CNN and a stronger residual CNN, both ending in one logit (sigmoid = P(class 1))."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class SeedNet(nn.Module):
+    """The seed's CNN: Conv 32 3x3 ReLU, MaxPool 2, Conv 32 3x3 ReLU, MaxPool 2, Dense 128 ReLU, Dense 1."""
+
+    def __init__(self, image_size: int = 64):
+        super().__init__()
+        side = ((image_size - 2) // 2 - 2) // 2  # two valid 3x3 convs, each followed by a 2x2 pool
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * side * side, 128), nn.ReLU(inplace=True),
+                                        nn.Linear(128, 1))
+        _init_like_keras(self)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, S, S) -> (B, 1) logits
+        return self.classifier(self.features(x))
+
+
+def _init_like_keras(module: nn.Module) -> None:
+    """Glorot-uniform weights and zero biases, Keras' defaults, so the seed trains as it does there."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a shortcut (He et al. 2016); stride 2 halves the map."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        nn.init.zeros_(self.bn2.weight)  # each block starts as identity: steadier early training
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small residual CNN with global average pooling before a linear classifier (so the original CAM applies)."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), depth: tuple[int, ...] = (1, 1, 1),
+                 dropout: float = 0.2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        blocks = []
+        for c_in, c_out, n in zip(widths[:-1], widths[1:], depth):
+            blocks += [BasicBlock(c_in, c_out, 2)] + [BasicBlock(c_out, c_out, 1) for _ in range(n - 1)]
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(widths[-1], 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, S, S) -> (B, 1) logits
+        f = self.features(self.stem(x))  # (B, C, S/8, S/8)
+        return self.fc(self.dropout(self.pool(f).flatten(1)))
+
+
+def build_model(name: str, image_size: int = 64) -> nn.Module:
+    """A fresh network by name: "seed" or "resnet"."""
+    if name == "seed":
+        return SeedNet(image_size)
+    if name == "resnet":
+        return ResNet()
+    raise ValueError(f"unknown model {name!r} (choose seed or resnet)")
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """A trained network in eval mode and its checkpoint metadata (classes, image_size, config, ...)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = build_model(ckpt["model"], ckpt["image_size"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval().to(device)
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state_dict", "optimizer", "scheduler", "ema")}
+    return model, meta
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, images, batch_size: int = 256, tta: bool = False, device: str = "cpu",
+                  bf16: bool = False) -> "torch.Tensor":
+    """P(class 1) for uint8 (N, S, S, 3) images; tta averages the image and its mirror image."""
+    from catdog.augment import to_tensor
+
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_tensor(images[i:i + batch_size]).to(device)  # (B, 3, S, S)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            p = torch.sigmoid(model(x).float().squeeze(1))
+            if tta:
+                p = (p + torch.sigmoid(model(x.flip(3)).float().squeeze(1))) / 2
+        out.append(p.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny synthetic folder-per-class dataset that a CNN can learn in one epoch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _make_image(kind: str, rng: np.random.Generator, size=(40, 32)) -> Image.Image:
+    """'cats' are reddish with horizontal stripes, 'dogs' bluish with vertical ones, plus noise."""
+    w, h = size
+    arr = rng.integers(0, 60, (h, w, 3)).astype(np.int16)
+    if kind == "cats":
+        arr[::4, :, 0] += 180
+        arr[:, :, 0] += 40
+    else:
+        arr[:, ::4, 2] += 180
+        arr[:, :, 2] += 40
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, n_train: int = 24, n_test: int = 8, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for kind in ("cats", "dogs"):
+            d = root / split / kind
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _make_image(kind, rng).save(d / f"{kind[:-1]}.{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session decodes into its own cache folder, never the user's."""
+    monkeypatch.setenv("CATDOG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """DATA/{train,test}/{cats,dogs}/*.jpg: 24 + 8 images per class, 40x32 px."""
+    return make_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m catdog ARGS` as a user would, with stdin closed."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "catdog", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, env=full_env, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"catdog {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,74 @@
+"""Training loop: run folder, atomic checkpoints, determinism, exact resume, refusing to overwrite."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from catdog.config import TrainConfig
+from catdog.train import RunError, fit
+
+
+def _cfg(data, out, **kw) -> TrainConfig:
+    fields = dict(data=str(data), out=str(out), epochs=2, image_size=32, batch_size=8, workers=1, threads=1)
+    return TrainConfig.for_model(kw.pop("model", "seed"), **{**fields, **kw})
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_fit_writes_a_complete_run_folder(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = fit(_cfg(tiny_data, out), progress=False, log=lambda m: None)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "data.json", "history.csv", "best.pt", "last.pt", "skipped.csv"} <= names
+    assert not [n for n in names if n.endswith(".tmp")], "no temp file left behind"
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and len(summary["history"]) == 2
+    assert all(0 <= float(r["val_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
+    assert TrainConfig.load(out / "config.json").epochs == 2
+
+
+@pytest.mark.parametrize("model", ["seed", "resnet"])
+def test_same_seed_same_weights(tiny_data, tmp_path, model):
+    fit(_cfg(tiny_data, tmp_path / "a", model=model), progress=False, log=lambda m: None)
+    fit(_cfg(tiny_data, tmp_path / "b", model=model), progress=False, log=lambda m: None)
+    fit(_cfg(tiny_data, tmp_path / "c", model=model, seed=1), progress=False, log=lambda m: None)
+    a, b, c = (_weights(tmp_path / x / "last.pt") for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("model", ["seed", "resnet"])
+def test_resume_continues_to_the_same_result(tiny_data, tmp_path, model):
+    full = tmp_path / "full"
+    fit(_cfg(tiny_data, full, model=model, epochs=3), progress=False, log=lambda m: None)
+
+    def interrupt_after_first_epoch(msg):
+        if msg.startswith("epoch 1/3"):
+            raise KeyboardInterrupt  # as Ctrl-C would, once epoch 1 is saved
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tiny_data, part, model=model, epochs=3), progress=False, log=interrupt_after_first_epoch)
+    assert [r["epoch"] for r in csv.DictReader(open(part / "history.csv"))] == ["1"]
+    fit(TrainConfig.load(part / "config.json"), resume=True, progress=False, log=lambda m: None)
+    a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(csv.DictReader(open(full / "history.csv")))[-1]["val_loss"] == \
+        list(csv.DictReader(open(part / "history.csv")))[-1]["val_loss"]
+
+
+def test_an_existing_run_is_not_overwritten(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    fit(_cfg(tiny_data, out, epochs=1), progress=False, log=lambda m: None)
+    with pytest.raises(RunError, match="already holds a run"):
+        fit(_cfg(tiny_data, out, epochs=1), progress=False, log=lambda m: None)
+    fit(_cfg(tiny_data, out, epochs=1), exist_ok=True, progress=False, log=lambda m: None)
+
+
+def test_learns_the_tiny_set(tiny_data, tmp_path):
+    summary = fit(_cfg(tiny_data, tmp_path / "run", epochs=6, lr=3e-3), progress=False, log=lambda m: None)
+    assert summary["history"][-1]["val_acc"] >= 0.75
