@@ -10,6 +10,8 @@ from torch import Tensor, nn
 class SeedNet(nn.Module):
     """The seed's CNN: Conv 32 3x3 ReLU, MaxPool 2, Conv 32 3x3 ReLU, MaxPool 2, Dense 128 ReLU, Dense 1."""
 
+    cam_layer = "features.4"  # the last conv's activation (29x29 at 64 px), the finest map near the output
+
     def __init__(self, image_size: int = 64):
         super().__init__()
         side = ((image_size - 2) // 2 - 2) // 2  # two valid 3x3 convs, each followed by a 2x2 pool
@@ -56,6 +58,8 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     """A small residual CNN with global average pooling before a linear classifier (so the original CAM applies)."""
+
+    cam_layer = "features"  # output of the last residual block, just before global average pooling
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), depth: tuple[int, ...] = (1, 1, 1),
                  dropout: float = 0.2):
