@@ -40,3 +40,16 @@ def test_flip_alone_mirrors_about_half_the_images():
     mirrored = [torch.allclose(o, i.flip(2), atol=1e-5) for o, i in zip(out, x)]
     assert all(s or m for s, m in zip(same, mirrored))
     assert 16 < sum(mirrored) < 48
+
+
+def test_random_erase_covers_two_to_twenty_five_percent_in_one_rectangle():
+    from catdog.augment import random_erase
+
+    x = torch.zeros(200, 1, 32, 32)
+    out = random_erase(x, 1.0, torch.Generator().manual_seed(0))
+    erased = out[:, 0] != 0  # noise is almost never exactly 0
+    area = erased.flatten(1).float().mean(1)
+    assert area.min() > 0.005 and area.max() < 0.3 and 0.05 < area.mean() < 0.2
+    rows, cols = erased.any(2).sum(1), erased.any(1).sum(1)  # extent of each rectangle
+    assert (rows * cols >= erased.flatten(1).sum(1)).all()
+    assert (rows > 2).float().mean() > 0.9 and (cols > 2).float().mean() > 0.9, "rectangles, not strips"

@@ -57,8 +57,8 @@ def random_erase(x: Tensor, p: float, gen: torch.Generator, area: tuple[float, f
     n, _, h, w = x.shape
     frac = _uniform(n, *area, gen)
     ratio = torch.exp(_uniform(n, np.log(0.3), np.log(3.3), gen))
-    eh = (frac * h * h / w * ratio).sqrt().mul(w / h).clamp(1, h)  # keeps eh * ew = frac * h * w
-    ew = (frac * h * w / eh).clamp(1, w)
+    eh = (frac * h * w * ratio).sqrt().clamp(1, h)  # eh * ew = frac * h * w, eh / ew = ratio
+    ew = (frac * h * w / ratio).sqrt().clamp(1, w)
     top = torch.rand(n, generator=gen) * (h - eh)
     left = torch.rand(n, generator=gen) * (w - ew)
     on = torch.rand(n, generator=gen) < p

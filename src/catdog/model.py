@@ -62,9 +62,9 @@ class ResNet(nn.Module):
     cam_layer = "features"  # output of the last residual block, just before global average pooling
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), depth: tuple[int, ...] = (1, 1, 1),
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, stem_stride: int = 1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU(inplace=True))
         blocks = []
         for c_in, c_out, n in zip(widths[:-1], widths[1:], depth):
@@ -84,7 +84,8 @@ def build_model(name: str, image_size: int = 64) -> nn.Module:
     if name == "seed":
         return SeedNet(image_size)
     if name == "resnet":
-        return ResNet()
+        # inputs above 64 px are downsampled by the stem, so the blocks cost what they cost at 64 px
+        return ResNet(stem_stride=2 if image_size > 64 else 1)
     raise ValueError(f"unknown model {name!r} (choose seed or resnet)")
 
 
