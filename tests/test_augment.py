@@ -53,3 +53,15 @@ def test_random_erase_covers_two_to_twenty_five_percent_in_one_rectangle():
     rows, cols = erased.any(2).sum(1), erased.any(1).sum(1)  # extent of each rectangle
     assert (rows * cols >= erased.flatten(1).sum(1)).all()
     assert (rows > 2).float().mean() > 0.9 and (cols > 2).float().mean() > 0.9, "rectangles, not strips"
+
+
+def test_mix_batch_mixes_images_and_targets_consistently():
+    from catdog.augment import mix_batch
+
+    x = torch.cat([torch.zeros(8, 3, 16, 16), torch.ones(8, 3, 16, 16)])
+    y = torch.cat([torch.zeros(8), torch.ones(8)])
+    for seed in range(10):
+        mx, my = mix_batch(x, y, torch.Generator().manual_seed(seed))
+        # images are 0 or 1 everywhere, labels equal the image value: the mixed target is the mean pixel
+        assert torch.allclose(mx.mean(dim=(1, 2, 3)), my, atol=1e-5)
+        assert my.min() >= 0 and my.max() <= 1

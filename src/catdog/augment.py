@@ -81,3 +81,22 @@ def augment_batch(x: Tensor, gen: torch.Generator, shear: float = 0.2, zoom: flo
     if erase > 0:
         x = random_erase(x, erase, gen)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+
+def mix_batch(x: Tensor, y: Tensor, gen: torch.Generator, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Mixup or CutMix (even odds) of the batch with a shuffled copy of itself; y becomes the mixed targets."""
+    n, _, h, w = x.shape
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))  # share of the image that stays
+    partner = torch.randperm(n, generator=gen)
+    if torch.rand(1, generator=gen).item() < 0.5:  # mixup: blend whole images
+        return lam * x + (1 - lam) * x[partner], lam * y + (1 - lam) * y[partner]
+    # cutmix: paste a box of area (1 - lam) from the partner image; targets mix by the pasted area
+    bh, bw = int(round(h * (1 - lam) ** 0.5)), int(round(w * (1 - lam) ** 0.5))
+    top = int(torch.randint(0, h - bh + 1, (1,), generator=gen))
+    left = int(torch.randint(0, w - bw + 1, (1,), generator=gen))
+    x = x.clone()
+    x[:, :, top:top + bh, left:left + bw] = x[partner, :, top:top + bh, left:left + bw]
+    area = bh * bw / (h * w)
+    return x, (1 - area) * y + area * y[partner]

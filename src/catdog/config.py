@@ -23,7 +23,7 @@ def default_data_dir() -> Path:
 RECIPES: dict[str, dict] = {
     # The seed's recipe, as in seed_keras.py: Adam 1e-3, batch 32, 25 epochs, shear/zoom/flip.
     "seed": dict(epochs=25, batch_size=32, lr=1e-3, weight_decay=0.0, optimizer="adam", schedule="constant",
-                 image_size=64, label_smoothing=0.0, crop=0.0, jitter=0.0, erase=0.0, ema=0.0, tta=False),
+                 image_size=64, label_smoothing=0.0, crop=0.0, jitter=0.0, erase=0.0, mix=0.0, ema=0.0, tta=False),
     # The default from-scratch recipe (see benchmarks/accuracy.md for how it was chosen).
     "resnet": dict(epochs=40, batch_size=64, lr=3e-3, weight_decay=5e-2, optimizer="adamw", schedule="onecycle",
                    image_size=64, label_smoothing=0.1, crop=0.25, jitter=0.2, erase=0.25, ema=0.0, tta=True),
@@ -49,6 +49,7 @@ class TrainConfig:
     crop: float = 0.25  # extra random-resized-crop strength (0 = off)
     jitter: float = 0.2  # colour jitter strength (brightness/contrast/saturation, 0 = off)
     erase: float = 0.25  # probability of random erasing (0 = off)
+    mix: float = 0.0  # probability that a batch is mixed by mixup or cutmix (0 = off)
     ema: float = 0.0  # exponential moving average of weights (decay, 0 = off)
     tta: bool = True  # average predictions over the image and its horizontal flip
     val_fraction: float = 0.1  # stratified share of train held out to choose the checkpoint

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from catdog import fileio
-from catdog.augment import augment_batch, to_tensor
+from catdog.augment import augment_batch, mix_batch, to_tensor
 from catdog.config import TrainConfig
 from catdog.data import ImageSet, load_folder, skip_summary, split_dir, split_indices
 from catdog.model import build_model, predict_probs
@@ -161,6 +161,8 @@ def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress
             x = augment_batch(to_tensor(x_train[idx]), gen, **aug).to(device)  # (B, 3, S, S)
             y = y_train[idx].float().to(device)
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+            if cfg.mix > 0 and torch.rand(1, generator=gen).item() < cfg.mix:
+                x, target = mix_batch(x, target, gen)
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(x).float().squeeze(1)  # (B,)
             loss = F.binary_cross_entropy_with_logits(logits, target)
