@@ -75,7 +75,7 @@ def confusion_matrices(cm, classes: list[str], threshold: float = 0.5) -> Figure
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title(f"Confusion matrix, {title}")
-    fig.suptitle(f"threshold {threshold:.3g}", fontsize=10)
+    fig.suptitle(f"Predicted class = {classes[1]} when P({classes[1]}) > {threshold:.3g}", fontsize=10)
     return fig
 
 
@@ -166,19 +166,20 @@ def prediction_grid(images: list, labels, probs, classes: list[str], threshold: 
 
 
 def cam_gallery(images: list, overlays: list, captions: list[str], oks: list[bool | None], title: str,
-                cols: int = 4) -> Figure:
+                cols: int = 4, map_captions: list[str] | None = None) -> Figure:
     """Pairs of image and class-activation overlay, each pair captioned (green right, red wrong)."""
+    map_captions = map_captions or ["class activation map"] * len(images)
     n = len(images)
     rows = max(1, -(-n // cols))
     fig = _figure(4.2 * cols, 2.5 * rows)
     axes = np.atleast_2d(fig.subplots(rows, 2 * cols))
     for ax in axes.ravel()[2 * n:]:
         ax.axis("off")
-    for k, (img, ov, cap, ok) in enumerate(zip(images, overlays, captions, oks)):
+    for k, (img, ov, cap, ok, map_cap) in enumerate(zip(images, overlays, captions, oks, map_captions)):
         a, b = axes[k // cols, 2 * (k % cols)], axes[k // cols, 2 * (k % cols) + 1]
         a.imshow(np.asarray(img))
         b.imshow(np.asarray(ov))
         _label(a, cap, ok)
-        _label(b, "class activation map", None)
+        _label(b, map_cap, None)
     fig.suptitle(title)
     return fig
