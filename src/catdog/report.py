@@ -46,7 +46,7 @@ def _float(v) -> float:
     return float(v) if v not in ("", None) else float("nan")
 
 
-def write_plots(run: str | Path, result: dict, n_samples: int = 18, n_cams: int = 8, n_mistakes: int = 8,
+def write_plots(run: str | Path, result: dict, n_samples: int = 18, n_cams: int = 6, n_mistakes: int = 6,
                 method: str = "gradcam") -> list[Path]:
     """Every evaluation plot of `result` (from evaluate(..., with_arrays=True)) into RUN/plots/."""
     from catdog.explain import CamUnavailable, cams_for_images, display_image, overlay
@@ -92,7 +92,7 @@ def write_plots(run: str | Path, result: dict, n_samples: int = 18, n_cams: int 
                     f" (true: {classes[y[i]]})" for i in idx]
         oks = [bool((probs[i] > 0.5) == y[i]) for i in idx]
         map_captions = [f"{METHOD_NAMES.get(method, method)}: evidence for {classes[k]}" for k in explained]
-        written.append(plots.save_png(plots.cam_gallery(images, overlays, captions, oks, title,
+        written.append(plots.save_png(plots.cam_gallery(images, overlays, captions, oks, title, cols=3,
                                                         map_captions=map_captions), out / name))
     return written
 
@@ -132,8 +132,8 @@ nav a{margin-right:16px;color:#1f3a5f;text-decoration:none;font-weight:600}
 main{padding:10px 40px 40px;max-width:1200px}
 section{background:#fff;border-radius:8px;padding:8px 24px 20px;margin:18px 0;box-shadow:0 1px 3px rgba(0,0,0,.08)}
 h2{border-bottom:2px solid #e6ebf1;padding-bottom:4px} h3{margin-bottom:6px}
-table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #dde3ea;padding:4px 10px;text-align:right}
-th{background:#f0f3f7} td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #dde3ea;padding:4px 10px;text-align:left}
+th{background:#f0f3f7} td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:8px 0} .note{color:#5b6673;font-size:14px}
 .grid{display:flex;gap:24px;flex-wrap:wrap} .grid figure{margin:0} code{background:#f0f3f7;padding:0 4px}
 """
@@ -149,9 +149,20 @@ def _num(v, pct: bool = False) -> str:
     return f"{v:.1%}" if pct else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
+def _numeric(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        float(str(v).rstrip("%"))
+        return True
+    except ValueError:
+        return False
+
+
 def _table(header: list, rows: list[list]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td{' class=n' if _numeric(c) else ''}>{_e(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -252,11 +263,11 @@ def render_report(run: str | Path) -> str:
             for f, t, d in evaluation) + "</div>"
         sections.append(("plots", "Evaluation plots", body))
     for f, anchor in (("samples.png", "samples"), ("cams.png", "cams"), ("mistakes.png", "mistakes")):
-        if f in figures:
-            title, text = figures[f]
-            body = f"<p class='note'>{_e(text)}</p>" + _img(plot_dir / f, title, 1100)
-            if f == "mistakes.png":
-                body += _mistakes_table(run, m)
+        title, text = next((t, d) for name, t, d in PLOTS if name == f)
+        body = f"<p class='note'>{_e(text)}</p>" + _img(plot_dir / f, title, 1100) if f in figures else ""
+        if f == "mistakes.png" and m:
+            body += _mistakes_table(run, m)
+        if body:
             sections.append((anchor, title, body))
     sections.append(("config", "Configuration", _table(["field", "value"], [[k, v] for k, v in cfg.items()])))
 
