@@ -118,3 +118,11 @@ def test_report_renders_in_chromium(evaluated_run):
             browser.close()
     with Image.open(out) as shot:
         assert shot.size[0] == 1280 and shot.size[1] > 2000, "the whole page, not just the first screen"
+
+
+def test_report_lists_skipped_files(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "skipped.csv").write_text('path,reason\n/d/cats/<x>.jpg,"not an image (unrecognised format)"\n')
+    page = render_report(run)
+    assert "Skipped files (1)" in page and "/d/cats/&lt;x&gt;.jpg" in page and "not an image" in page

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn import metrics as skm
 
 from catdog import fileio
@@ -53,7 +54,12 @@ def training_curves(epochs, train_loss, val_loss, train_acc, val_acc) -> Figure:
         ax.set_title(f"{name.capitalize()} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(epochs) <= 20:  # few epochs: one tick each (a locator would add fractional ones)
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs):
+            ax.set_xlim(epochs.min() - 0.5, epochs.max() + 0.5)
     return fig
 
 

@@ -238,7 +238,8 @@ def render_report(run: str | Path) -> str:
     if history:
         cards.append((str(len(history)), "epochs trained"))
     card_html = "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in cards)
-    subtitle = f"model {cfg.get('model', '?')} · {cfg.get('image_size', '?')} px · {cfg.get('epochs', '?')} epochs"
+    epochs = cfg.get("epochs", "?")
+    subtitle = f"model {cfg.get('model', '?')} · {cfg.get('image_size', '?')} px · {epochs} epoch{'' if epochs == 1 else 's'}"
 
     sections = []
     if m:
