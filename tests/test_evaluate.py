@@ -103,3 +103,12 @@ def test_no_validation_split_means_no_validation_threshold(tiny_run, tmp_path):
     result = evaluate(tmp_path / "noval.pt")
     assert result["val_threshold"]["threshold"] is None and "no validation split" in result["val_threshold"]["reason"]
     assert result["at_val_threshold"] is None and result["accuracy"] is not None
+
+
+def test_a_run_moved_from_its_training_data_still_evaluates(tiny_run, tiny_data, tmp_path):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=False)
+    ckpt["config"]["data"] = str(tmp_path / "gone")
+    torch.save(ckpt, tmp_path / "moved.pt")
+    result = evaluate(tmp_path / "moved.pt", tiny_data)
+    assert result["n"] == 16 and result["val_threshold"]["threshold"] is None
+    assert "cannot be read" in result["val_threshold"]["reason"]

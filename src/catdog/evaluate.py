@@ -16,7 +16,7 @@ import torch
 from sklearn import metrics as skm
 
 from catdog import fileio
-from catdog.data import ImageSet, load_folder, split_dir, split_indices
+from catdog.data import DataError, ImageSet, load_folder, split_dir, split_indices
 from catdog.model import load_checkpoint, predict_probs
 from catdog.train import RunError
 
@@ -86,7 +86,11 @@ def validation_threshold(model, meta: dict, workers: int = 0) -> dict:
     if not cfg.get("val_fraction"):
         return {"threshold": None, "reason": "the run has no validation split (val_fraction 0): "
                 "only the default threshold 0.5 is reported"}
-    train = load_folder(split_dir(cfg["data"], "train"), meta["image_size"], workers=workers)
+    try:
+        train = load_folder(split_dir(cfg["data"], "train"), meta["image_size"], workers=workers)
+    except DataError as e:  # a run moved away from its data can still be evaluated at 0.5
+        return {"threshold": None, "reason": f"the run's training data cannot be read ({e}): only the default "
+                "threshold 0.5 is reported"}
     _, val_idx = split_indices(train.labels, cfg["val_fraction"], cfg["seed"])
     if len(val_idx) == 0:
         return {"threshold": None, "reason": "the validation split is empty: only the default threshold 0.5 is reported"}
