@@ -57,3 +57,16 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"catdog {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A seed model trained for 2 epochs on the tiny set at 32 px (not evaluated): copy it before changing it."""
+    from catdog.config import TrainConfig
+    from catdog.train import fit
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    cfg = TrainConfig.for_model("seed", data=str(tiny_data), out=str(out), epochs=2, image_size=32, batch_size=8,
+                                lr=3e-3, workers=1, threads=1)
+    fit(cfg, progress=False, log=lambda m: None)
+    return out

@@ -14,6 +14,7 @@ def test_train_then_evaluate_end_to_end(tiny_data, tmp_path):
     assert result["n"] == 16 and 0 <= result["accuracy"] <= 1 and result["loss"] > 0
     assert 0 <= result["roc_auc"] <= 1 and result["skipped"] == []
     assert json.loads((run / "results.json").read_text())["n"] == 16
+    assert (run / "report.html").exists() and (run / "metrics.json").exists(), "train ends with the report"
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(tiny_data, tmp_path):

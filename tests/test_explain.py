@@ -81,3 +81,43 @@ def test_overlay_keeps_the_image_size():
     img = np.zeros((30, 50, 3), np.uint8)
     out = overlay(img, np.random.default_rng(0).random((8, 8)).astype(np.float32))
     assert out.size == (50, 30) and out.mode == "RGB"
+
+
+def test_explain_command_writes_overlays_and_reports_bad_paths(tiny_run, tiny_data, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from conftest import run_cli
+
+    good = [tiny_data / "test" / "cats" / "cat.0.jpg", tiny_data / "test" / "dogs" / "dog.0.jpg"]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    proc = run_cli("explain", str(tiny_run), *map(str, good), str(tmp_path / "missing.jpg"), str(broken),
+                   "--out", str(tmp_path / "cams"), "--method", "gradcampp", "--json")
+    result = json.loads(proc.stdout)
+    assert [w["path"] for w in result["written"]] == list(map(str, good))
+    assert result["layer"] == "features.4", "the seed model's own CAM layer, found automatically"
+    for w in result["written"]:
+        with Image.open(w["out"]) as img:
+            assert img.format == "PNG" and img.size == (40, 32), "the overlay keeps the image's own size"
+            assert len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50, "a heatmap, not a flat image"
+        assert w["explained"] == w["predicted"] and w["predicted"] in ("cats", "dogs")
+    assert {f["path"]: f["reason"] for f in result["failed"]} == {
+        str(tmp_path / "missing.jpg"): "no such file", str(broken): "not an image (unrecognised format)"}
+    assert "catdog: skipped" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "cam"], "global average pooling"),
+    (["--layer", "nope"], "nope"),
+    (["--method", "gradcam", "MISSING"], "no image could be explained"),
+])
+def test_explain_command_errors_are_clear(tiny_run, tiny_data, tmp_path, capsys, args, message):
+    from catdog.cli import main
+
+    images = [str(tmp_path / "missing.jpg")] if "MISSING" in args else [str(tiny_data / "test" / "cats" / "cat.0.jpg")]
+    code = main(["explain", str(tiny_run), *images, "--out", str(tmp_path / "o"), *[a for a in args if a != "MISSING"]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1].startswith("catdog: error:") and message in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -26,22 +26,21 @@ def _train(args) -> int:
                   log=lambda m: print(m, file=sys.stderr))
     print(f"run folder: {summary['out']}  ({summary['train_s']} s training)", file=sys.stderr)
     if not args.no_eval:
-        from catdog.data import split_dir
-        test = split_dir(cfg.data, "test")
-        if test != Path(cfg.data) or Path(cfg.data, "test").is_dir():
-            _print_eval(_write_eval(cfg.out, None), json_out=False)
+        from catdog.report import has_test_split
+        if has_test_split(cfg.data):
+            _print_eval(_write_eval(cfg.out, None), json_out=False)  # also writes metrics, plots, report.html
+            print(f"report: {Path(cfg.out) / 'report.html'}", file=sys.stderr)
     print(summary["out"])
     return 0
 
 
 def _write_eval(run, data) -> dict:
-    from catdog import fileio
     from catdog.evaluate import evaluate
+    from catdog.report import evaluate_run
 
-    result = evaluate(run, data)
-    if data is None:
-        fileio.write_text(Path(run) / "results.json", json.dumps(result, indent=2))
-    return result
+    if data is None and Path(run).is_dir():
+        return evaluate_run(run)  # results.json, metrics.json, predictions/mistakes.csv, plots/, report.html
+    return evaluate(run, data)
 
 
 def _print_eval(result: dict, json_out: bool) -> None:
@@ -49,12 +48,52 @@ def _print_eval(result: dict, json_out: bool) -> None:
         print(json.dumps(result))
         return
     from catdog.data import skip_summary
-    print(f"{result['data']}: n={result['n']}  accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-          f"roc_auc {result['roc_auc']:.4f}  ({skip_summary(result['skipped'])})", file=sys.stderr)
+    f = lambda v: "n/a" if v is None else f"{v:.4f}"
+    print(f"{result['data']}: n={result['n']}  accuracy {f(result['accuracy'])}  loss {f(result['loss'])}  "
+          f"roc_auc {f(result['roc_auc'])}  ap {f(result.get('average_precision'))}  "
+          f"({skip_summary(result['skipped'])})", file=sys.stderr)
+    at, vt = result.get("at_val_threshold"), result.get("val_threshold") or {}
+    if at:
+        print(f"  at the validation threshold {at['threshold']:.3f}: accuracy {f(at['accuracy'])}  "
+              f"balanced accuracy {f(at['balanced_accuracy'])}", file=sys.stderr)
+    elif vt.get("reason"):
+        print(f"  {vt['reason']}", file=sys.stderr)
 
 
 def _evaluate(args) -> int:
     _print_eval(_write_eval(args.run, args.data), args.json)
+    return 0
+
+
+def _explain(args) -> int:
+    from catdog.explain import explain_files
+
+    result = explain_files(args.run, args.images, args.out, args.method, args.layer)
+    for f in result["failed"]:
+        print(f"catdog: skipped {f['path']}: {f['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for w in result["written"]:
+            print(f"{w['out']}  ({w['path']}: {w['predicted']}, map for {w['explained']}, {args.method} at {result['layer']})")
+    if not result["written"]:
+        raise ValueError(f"no image could be explained ({len(result['failed'])} unreadable)")
+    return 0
+
+
+def _report(args) -> int:
+    from catdog.report import evaluate_run, has_test_split, write_report
+    from catdog.train import RunError
+
+    run = Path(args.run)
+    if not (run / "config.json").exists():
+        raise RunError(f"not a run folder (no config.json): {run}")
+    cfg = json.loads((run / "config.json").read_text())
+    if (args.evaluate or not (run / "metrics.json").exists()) and has_test_split(cfg["data"]):
+        evaluate_run(run)
+    else:
+        write_report(run)
+    print(run / "report.html")
     return 0
 
 
@@ -102,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("data", nargs="?", default=None, help="dataset root or folder (default: the run's test split)")
     e.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     e.set_defaults(func=_evaluate)
+
+    x = sub.add_parser("explain", help="class activation maps: a heatmap over each image of what drove the prediction")
+    x.add_argument("run", help="run folder (or a .pt checkpoint)")
+    x.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    x.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    x.add_argument("--method", choices=("gradcam", "gradcampp", "layercam", "scorecam", "cam"), default="gradcam")
+    x.add_argument("--layer", help="target layer name (default: found automatically)")
+    x.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    x.set_defaults(func=_explain)
+
+    r = sub.add_parser("report", help="write RUN/report.html (evaluating the run first if it has not been)")
+    r.add_argument("run", help="run folder")
+    r.add_argument("--evaluate", action="store_true", help="re-evaluate the test split even if metrics.json exists")
+    r.set_defaults(func=_report)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     c = d.add_parser("check", help="list what loads and what is skipped, and why")

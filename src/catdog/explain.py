@@ -8,7 +8,10 @@ explained as evidence for cat, not as a weak dog score, and every torchcam metho
 from __future__ import annotations
 
 import copy
+import io
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,3 +96,69 @@ def overlay(image: np.ndarray | Image.Image, cam: np.ndarray, alpha: float = 0.5
     """The heatmap (jet colour map) blended over the image, at the image's own size."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     return overlay_mask(img.convert("RGB"), Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F"), alpha=alpha)
+
+
+def cams_for_images(model: nn.Module, images: np.ndarray, method: str = "gradcam", target_layer: str | None = None,
+                    batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """compute_cams over uint8 (N, S, S, 3) images, in batches: maps (N, S, S), P(class 1), explained classes."""
+    from catdog.augment import to_tensor
+
+    cams, probs, cls = [], [], []
+    for i in range(0, len(images), batch_size):
+        c, p, k = compute_cams(model, to_tensor(images[i:i + batch_size]), method, target_layer)
+        cams.append(c)
+        probs.append(p)
+        cls.extend(k)
+    if not cams:
+        side = images.shape[1] if images.ndim == 4 else 0
+        return np.zeros((0, side, side), np.float32), np.zeros(0, np.float32), []
+    return np.concatenate(cams), np.concatenate(probs), cls
+
+
+def display_image(path, max_side: int = 384) -> Image.Image:
+    """The upright RGB image of a file, shrunk to at most max_side pixels, for overlays and galleries."""
+    from catdog.data import open_image
+
+    img = open_image(path, draft_size=max_side)
+    img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return img
+
+
+def explain_files(run, paths: list, out, method: str = "gradcam", target_layer: str | None = None,
+                  max_side: int = 512) -> dict:
+    """Write a CAM overlay PNG per image into `out`; unreadable images are listed in "failed", not raised."""
+    from catdog import fileio
+    from catdog.data import SkipImage, decode_image
+    from catdog.model import load_checkpoint
+
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
+    model, meta = load_checkpoint(run)
+    size, classes = meta["image_size"], meta["classes"]
+    arrays, shown, kept, failed = [], [], [], []
+    for path in map(str, paths):
+        try:
+            if not os.path.isfile(path):
+                raise SkipImage("no such file" if not os.path.exists(path) else "not a file")
+            arrays.append(decode_image(path, size))
+            shown.append(display_image(path, max_side))
+            kept.append(path)
+        except SkipImage as e:
+            failed.append({"path": path, "reason": str(e)})
+    written = []
+    if kept:
+        cams, probs, cls = cams_for_images(model, np.stack(arrays), method, target_layer)
+        used: set[str] = set()
+        for path, img, cam, p, k in zip(kept, shown, cams, probs, cls):
+            name = f"{Path(path).stem}-{method}"
+            while name in used:  # two inputs with the same file name in different folders
+                name += "_"
+            used.add(name)
+            target = Path(out) / f"{name}.png"
+            buf = io.BytesIO()
+            overlay(img, cam).save(buf, format="PNG")
+            fileio.write_bytes(target, buf.getvalue())
+            written.append({"path": path, "out": str(target), "predicted": classes[int(p > 0.5)],
+                            "explained": classes[k], f"prob_{classes[1]}": round(float(p), 6)})
+    return {"method": method, "layer": target_layer or default_target_layer(model, size),
+            "written": written, "failed": failed}
