@@ -76,6 +76,24 @@ def compute_cams(model: nn.Module, x: Tensor, method: str = "gradcam", target_la
         class_idx = (probs > 0.5).long().tolist()
     twin = two_class_view(model)
     layer = target_layer or default_target_layer(model, x.shape[-1])
+    maps, acts = _raw_maps(twin, x, method, layer, class_idx)
+    # A map with no positive evidence at that layer is all zero after the ReLU: rather than a blank picture,
+    # show LayerCAM's map (positive gradients only), and failing that where the layer is active at all.
+    blank = _is_blank(maps)
+    if blank.any() and method != "layercam":
+        maps[blank] = _raw_maps(twin, x, "layercam", layer, class_idx)[0][blank]
+        blank = _is_blank(maps)
+    if blank.any():
+        maps[blank] = acts[blank].relu().mean(1)
+    maps = F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    maps = maps.clamp_(min=0)
+    peak = maps.flatten(1).max(1).values.view(-1, 1, 1)
+    maps = torch.where(peak > 0, maps / peak.clamp(min=1e-12), maps)
+    return maps.numpy().astype(np.float32), probs.numpy(), class_idx
+
+
+def _raw_maps(twin: nn.Module, x: Tensor, method: str, layer: str, class_idx: list[int]) -> tuple[Tensor, Tensor]:
+    """torchcam's maps (B, h, w) at the layer's resolution, NaN-free, and the layer's activations (B, C, h, w)."""
     kwargs = {"fc_layer": "fc"} if method == "cam" else {}
     try:
         extractor = METHODS[method](twin, target_layer=layer, input_shape=tuple(x.shape[1:]), **kwargs)
@@ -84,12 +102,13 @@ def compute_cams(model: nn.Module, x: Tensor, method: str = "gradcam", target_la
     with extractor:
         with torch.set_grad_enabled(method not in ("cam", "scorecam")):
             scores = twin(x.clone())  # (B, 2)
-            maps = extractor(class_idx, scores)[0]  # (B, h, w)
-    maps = F.interpolate(maps.detach().float()[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
-    peak = maps.flatten(1).max(1).values.view(-1, 1, 1)
-    maps = torch.where(peak > 0, maps / peak.clamp(min=1e-12), maps)
-    return maps.numpy().astype(np.float32), probs.numpy(), class_idx
+            maps = extractor(class_idx, scores)[0].detach().float()  # (B, h, w)
+            acts = extractor.hook_a[0].detach().float()  # (B, C, h, w)
+    return torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0), acts
+
+
+def _is_blank(maps: Tensor) -> Tensor:
+    return maps.flatten(1).max(1).values <= 0
 
 
 def overlay(image: np.ndarray | Image.Image, cam: np.ndarray, alpha: float = 0.5) -> Image.Image:

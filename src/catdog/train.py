@@ -118,7 +118,11 @@ def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.image_size).to(device).to(memory_format=torch.channels_last)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # weight decay on conv/linear weights only: decaying norm scales and biases only fights the normalisation
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = opt_cls([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                  lr=cfg.lr)
     steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
     sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch)
     ema = None
