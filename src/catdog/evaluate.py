@@ -9,7 +9,7 @@ from sklearn import metrics as skm
 
 from catdog.data import load_folder, split_dir
 from catdog.model import load_checkpoint, predict_probs
-from catdog.train import RunError, bce
+from catdog.train import RunError, autocast_dtype, bce, resolve_device
 
 
 def run_checkpoint(run: str | Path) -> Path:
@@ -24,16 +24,18 @@ def run_checkpoint(run: str | Path) -> Path:
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test", workers: int = 0,
-             progress: bool = False) -> dict:
+             progress: bool = False, device: str = "auto") -> dict:
     """Accuracy, loss and ROC AUC of a run's model on DATA/<split> (or DATA itself)."""
-    model, meta = load_checkpoint(run_checkpoint(run))
+    device = resolve_device(device)
+    model, meta = load_checkpoint(run_checkpoint(run), device)
     root = split_dir(data or meta["config"]["data"], split)
     ds = load_folder(root, meta["image_size"], workers=workers, progress=progress)
     if len(ds) == 0:
         raise RunError(f"no image in {root} could be read")
     if ds.classes != meta["classes"]:
         raise RunError(f"classes of {root} {ds.classes} differ from the model's {meta['classes']}")
-    probs = predict_probs(model, ds.images, tta=meta.get("tta", False))
+    probs = predict_probs(model, ds.images, tta=meta.get("tta", False), device=device,
+                          bf16=autocast_dtype(device, False) is torch.bfloat16)
     labels = torch.from_numpy(ds.labels)
     y, p = ds.labels, probs.numpy()
     result = {
