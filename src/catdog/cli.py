@@ -30,7 +30,7 @@ def _launch_torchrun(args, cfg: TrainConfig) -> int:
         return proc.wait()
     except KeyboardInterrupt:
         proc.wait()  # Ctrl-C reached torchrun too: let it stop its workers, so last.pt is left whole
-        raise
+        return 130  # rank 0 has said how to resume
 
 
 def _train(args) -> int:
@@ -164,5 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         run = getattr(args, "out", None) or getattr(args, "resume", None)
         msg = f"; resume with: catdog train --resume {run}" if args.command == "train" and run else ""
-        print(f"catdog: interrupted{msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"catdog: interrupted{msg}", file=sys.stderr)
         return 130

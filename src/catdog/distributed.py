@@ -55,6 +55,7 @@ def process_group(ranks: Ranks, device: str) -> Iterator[str]:
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         yield device
+        dist.barrier()  # no rank tears down its side while another still talks (not after an error: it would hang)
     finally:
         dist.destroy_process_group()
 
