@@ -57,33 +57,46 @@ def test_the_relaunch_drops_nproc_and_keeps_the_rest(argv):
     assert cmd[cmd.index("-m", 3) + 1:] == ["catdog", "train", "D", "--epochs", "1"]
 
 
+def _train2(data, run, epochs: int, *extra: str):
+    return run_cli("train", str(data), "--out", str(run), "--model", "seed", "--epochs", str(epochs),
+                   "--image-size", "32", "--batch-size", "8", "--threads", "1", "--nproc", "2", "--no-progress",
+                   *extra, timeout=600)
+
+
+@pytest.mark.slow
 def test_two_processes_train_one_epoch(tiny_data, tmp_path):
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for run in runs:
-        proc = run_cli("train", str(tiny_data), "--out", str(run), "--model", "seed", "--epochs", "1",
-                       "--image-size", "32", "--batch-size", "8", "--threads", "1", "--nproc", "2",
-                       "--no-progress", timeout=600)
-        assert proc.stdout.strip().endswith(str(run))
-        assert "distributed: 2 processes (gloo), global batch 8 = 4 per process" in proc.stderr
-        assert proc.stderr.count("epoch 1/1") == 1, "only rank 0 logs"
-    names = {p.name for p in runs[0].iterdir()}
+    run = tmp_path / "a"
+    proc = _train2(tiny_data, run, 1)
+    assert proc.stdout.strip().endswith(str(run))
+    assert "distributed: 2 processes (gloo), global batch 8 = 4 per process" in proc.stderr
+    assert proc.stderr.count("epoch 1/1") == 1, "only rank 0 logs"
+    names = {p.name for p in run.iterdir()}
     assert {"config.json", "data.json", "history.csv", "best.pt", "last.pt", "results.json"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
 
     # every training image was seen exactly once in the epoch, in steps of the global batch
-    n_train = sum(json.loads((runs[0] / "data.json").read_text())["train"].values())
-    last = torch.load(runs[0] / "last.pt", weights_only=False)
+    n_train = sum(json.loads((run / "data.json").read_text())["train"].values())
+    last = torch.load(run / "last.pt", weights_only=False)
     assert last["world_size"] == 2 and last["global_batch"] == 8
     assert last["samples_per_epoch"] == n_train
     assert last["steps_per_epoch"] == -(-(-(-n_train // 2)) // 4)
 
-    # the checkpoint loads and evaluates; the same seed on the same world size gives the same weights
-    model, meta = load_checkpoint(runs[0])
+    # the checkpoint loads and evaluates
+    model, meta = load_checkpoint(run)
     assert meta["classes"] == ["cats", "dogs"]
-    result = json.loads(run_cli("evaluate", str(runs[0]), "--json").stdout)
+    result = json.loads(run_cli("evaluate", str(run), "--json").stdout)
     assert result["n"] == 16 and 0 <= result["accuracy"] <= 1
-    other = torch.load(runs[1] / "last.pt", weights_only=False)["state_dict"]
-    assert all(torch.equal(last["state_dict"][k], other[k]) for k in other)
+
+    # one more epoch by --resume ends where a 2-epoch run of the same seed and world size ends
+    # (the seed recipe's learning rate is constant, so only the epoch count changes)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "epochs": 2}))
+    assert "resuming" in run_cli("train", "--resume", str(run), "--nproc", "2", "--no-progress", "--no-eval").stderr
+    _train2(tiny_data, tmp_path / "b", 2, "--no-eval")
+    a, b = (torch.load(r / "last.pt", weights_only=False) for r in (run, tmp_path / "b"))
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
 def test_nproc_flags_are_checked_before_any_process_starts(tiny_data, tmp_path):
