@@ -3,10 +3,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 from catdog.config import MODELS, TrainConfig
+
+
+def _launch_torchrun(args, cfg: TrainConfig) -> int:
+    """Re-run this same command as args.nproc processes under torchrun; seeing WORLD_SIZE, they train."""
+    from catdog import distributed
+
+    from catdog.data import split_dir
+    from catdog.train import check_out_dir
+
+    # what can be checked before any process starts is reported here, once
+    distributed.check_batch(cfg.batch_size, args.nproc)
+    split_dir(cfg.data, "train")
+    if not args.resume:
+        check_out_dir(Path(cfg.out), args.exist_ok)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
+           or str(max(1, (os.cpu_count() or 1) // args.nproc))}
+    proc = subprocess.Popen(distributed.torchrun_command(args.nproc, args.argv), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()  # Ctrl-C reached torchrun too: let it stop its workers, so last.pt is left whole
+        return 130  # rank 0 has said how to resume
 
 
 def _train(args) -> int:
@@ -22,8 +46,14 @@ def _train(args) -> int:
             args.model, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
             threads=args.threads, workers=args.workers, bf16=args.bf16 or None, device=args.device)
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError("--nproc must be at least 1")
+    if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args, cfg)
     summary = fit(cfg, resume=bool(args.resume), exist_ok=args.exist_ok, progress=not args.no_progress,
                   log=lambda m: print(m, file=sys.stderr))
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports and evaluates the run
     print(f"run folder: {summary['out']}  ({summary['train_s']} s training)", file=sys.stderr)
     if not args.no_eval:
         from catdog.report import has_test_split
@@ -34,13 +64,13 @@ def _train(args) -> int:
     return 0
 
 
-def _write_eval(run, data) -> dict:
+def _write_eval(run, data, device: str = "auto") -> dict:
     from catdog.evaluate import evaluate
     from catdog.report import evaluate_run
 
     if data is None and Path(run).is_dir():
-        return evaluate_run(run)  # results.json, metrics.json, predictions/mistakes.csv, plots/, report.html
-    return evaluate(run, data)
+        return evaluate_run(run, device=device)  # results.json, metrics.json, predictions/mistakes.csv, plots/, report.html
+    return evaluate(run, data, device=device)
 
 
 def _print_eval(result: dict, json_out: bool) -> None:
@@ -61,7 +91,7 @@ def _print_eval(result: dict, json_out: bool) -> None:
 
 
 def _evaluate(args) -> int:
-    _print_eval(_write_eval(args.run, args.data), args.json)
+    _print_eval(_write_eval(args.run, args.data, args.device), args.json)
     return 0
 
 
@@ -122,14 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=MODELS, default="resnet", help="network (default resnet; seed = the seed's CNN)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--image-size", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-size", type=int,
+                   help="global batch: images per step over all processes (each takes batch/nproc)")
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.1)")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     t.add_argument("--workers", type=int, help="image-decoding processes (default: one per core)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX)")
-    t.add_argument("--device", choices=("cpu", "cuda", "auto"))
+    t.add_argument("--device", choices=("cpu", "cuda", "auto"),
+                   help="auto (default): CUDA with mixed precision when a GPU is present, else CPU")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (DDP, launched through torchrun)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last completed epoch")
     t.add_argument("--exist-ok", action="store_true", help="allow writing into a folder that holds a run")
     t.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation at the end")
@@ -140,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder (or a .pt checkpoint)")
     e.add_argument("data", nargs="?", default=None, help="dataset root or folder (default: the run's test split)")
     e.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    e.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                   help="auto (default): CUDA with mixed precision when a GPU is present, else CPU")
     e.set_defaults(func=_evaluate)
 
     x = sub.add_parser("explain", help="class activation maps: a heatmap over each image of what drove the prediction")
@@ -171,13 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     from catdog.train import RunError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
     try:
         return args.func(args)
     except (DataError, RunError, FileNotFoundError, ValueError) as e:
-        print(f"catdog: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one message
+            print(f"catdog: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         run = getattr(args, "out", None) or getattr(args, "resume", None)
         msg = f"; resume with: catdog train --resume {run}" if args.command == "train" and run else ""
-        print(f"catdog: interrupted{msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"catdog: interrupted{msg}", file=sys.stderr)
         return 130

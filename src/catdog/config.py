@@ -57,7 +57,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0 = all cores)
     workers: int = 0  # processes decoding images (0 = one per core)
     bf16: bool = False  # bfloat16 autocast for the forward pass (CPU with AMX, or CUDA)
-    device: str = "cpu"  # "cpu", "cuda" or "auto"
+    device: str = "auto"  # "cpu", "cuda" or "auto" (CUDA when a GPU is present)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:

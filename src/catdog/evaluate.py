@@ -18,7 +18,7 @@ from sklearn import metrics as skm
 from catdog import fileio
 from catdog.data import DataError, ImageSet, load_folder, split_dir, split_indices
 from catdog.model import load_checkpoint, predict_probs
-from catdog.train import RunError
+from catdog.train import RunError, autocast_dtype, resolve_device
 
 EPS = 1e-7  # probabilities are clipped as Keras does, so the loss matches history.csv's val_loss
 
@@ -80,7 +80,7 @@ def choose_threshold(labels, probs) -> tuple[float, float]:
     return float(t), float(acc.max())
 
 
-def validation_threshold(model, meta: dict, workers: int = 0) -> dict:
+def validation_threshold(model, meta: dict, workers: int = 0, device: str = "cpu") -> dict:
     """Recompute the run's validation split exactly as training did, predict it, and choose a threshold there."""
     cfg = meta["config"]
     if not cfg.get("val_fraction"):
@@ -95,7 +95,7 @@ def validation_threshold(model, meta: dict, workers: int = 0) -> dict:
     if len(val_idx) == 0:
         return {"threshold": None, "reason": "the validation split is empty: only the default threshold 0.5 is reported"}
     y = train.labels[val_idx]
-    p = predict_probs(model, train.images[val_idx], tta=meta.get("tta", False)).numpy()
+    p = predict_probs(model, train.images[val_idx], tta=meta.get("tta", False), device=device).numpy()
     t, acc = choose_threshold(y, p)
     return {"threshold": t, "n_val": int(len(val_idx)), "val_accuracy_at_threshold": acc,
             "val_accuracy_at_0.5": float(skm.accuracy_score(y, p > 0.5)),
@@ -103,21 +103,23 @@ def validation_threshold(model, meta: dict, workers: int = 0) -> dict:
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test", workers: int = 0,
-             progress: bool = False, with_arrays: bool = False) -> dict:
+             progress: bool = False, with_arrays: bool = False, device: str = "auto") -> dict:
     """Metrics of a run's model on DATA/<split> (or DATA itself), at 0.5 and at the validation threshold.
 
     The top-level metrics are at threshold 0.5; "at_val_threshold" holds them at the validation threshold.
     With with_arrays, "_set" (the ImageSet) and "_probs" are added for plots and files (not JSON).
     """
-    model, meta = load_checkpoint(run_checkpoint(run))
+    device = resolve_device(device)
+    model, meta = load_checkpoint(run_checkpoint(run), device)
     root = split_dir(data or meta["config"]["data"], split)
     ds = load_folder(root, meta["image_size"], workers=workers, progress=progress)
     if len(ds) == 0:
         raise RunError(f"no image in {root} could be read")
     if ds.classes != meta["classes"]:
         raise RunError(f"classes of {root} {ds.classes} differ from the model's {meta['classes']}")
-    probs = predict_probs(model, ds.images, tta=meta.get("tta", False)).numpy()
-    val = validation_threshold(model, meta, workers)
+    probs = predict_probs(model, ds.images, tta=meta.get("tta", False), device=device,
+                          bf16=autocast_dtype(device, False) is torch.bfloat16).numpy()
+    val = validation_threshold(model, meta, workers, device)
     result = {"data": str(root), "classes": ds.classes, "checkpoint": str(run_checkpoint(run)),
               **compute_metrics(ds.labels, probs, 0.5, ds.classes),
               "threshold_note": "top-level metrics use the default threshold 0.5: class "

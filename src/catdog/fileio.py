@@ -43,4 +43,10 @@ def torch_save(obj, path: str | Path) -> None:
     import torch
 
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # torch's zip writer hides a failed write (a full disk) behind its own error: raise the real one
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise

@@ -102,14 +102,14 @@ def _losses(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return -np.log(p_true)
 
 
-def evaluate_run(run: str | Path, workers: int = 0, progress: bool = False) -> dict:
+def evaluate_run(run: str | Path, workers: int = 0, progress: bool = False, device: str = "auto") -> dict:
     """Evaluate a run folder on its test split; write results.json, metrics.json, the CSVs, plots and report.html."""
     from catdog.evaluate import evaluate, write_evaluation
 
     run = Path(run)
     if not run.is_dir():
         raise RunError(f"run folder not found: {run}")
-    result = evaluate(run, None, workers=workers, progress=progress, with_arrays=True)
+    result = evaluate(run, None, workers=workers, progress=progress, with_arrays=True, device=device)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     fileio.write_text(run / "results.json", json.dumps(public, indent=2))
     write_evaluation(run, result)

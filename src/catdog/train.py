@@ -1,6 +1,7 @@
 """Training: one readable loop, per-epoch validation, atomic best/last checkpoints, exact resume."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -9,17 +10,23 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from catdog import fileio
+from catdog import distributed, fileio
 from catdog.augment import augment_batch, mix_batch, to_tensor
 from catdog.config import TrainConfig
 from catdog.data import ImageSet, load_folder, skip_summary, split_dir, split_indices
 from catdog.model import build_model, predict_probs
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_s"]
 
@@ -29,11 +36,28 @@ class RunError(Exception):
 
 
 def resolve_device(name: str) -> str:
+    """"cpu" or "cuda" for --device cpu|cuda|auto; auto takes CUDA when a GPU is present."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda asked for, but no CUDA device is available")
     return name
+
+
+def autocast_dtype(device: str, bf16: bool) -> torch.dtype | None:
+    """Mixed precision for the forward pass: always on CUDA (bfloat16, or float16 on older GPUs), on CPU only with --bf16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if bf16 else None
+
+
+def _check_writable(out: Path) -> None:
+    probe = out / ".write-test"
+    try:
+        fileio.write_text(probe, "")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
 
 
 def check_out_dir(out: Path, exist_ok: bool) -> None:
@@ -43,13 +67,59 @@ def check_out_dir(out: Path, exist_ok: bool) -> None:
     if not exist_ok and any((out / f).exists() for f in ("config.json", "last.pt", "best.pt")):
         raise RunError(f"{out} already holds a run; use --resume {out} to continue it, "
                        f"--exist-ok to overwrite it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".write-test"
     try:
-        fileio.write_text(probe, "")
-        probe.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {out}: {e.strerror or e}") from None
+    _check_writable(out)
+
+
+@contextlib.contextmanager
+def lock_run_dir(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT/.lock while the block runs, so a concurrent run into OUT refuses."""
+    if fcntl is None:  # no advisory locks on this platform: concurrent runs are not detected
+        yield
+        return
+    try:
+        f = open(out / ".lock", "a")  # never written: only its lock matters, and it stays for the next run
     except OSError as e:
         raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunError(f"{out} is in use by another catdog train that is still running; "
+                       f"wait for it to end, or use another --out") from None
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock, also when the process dies
+
+
+def claim_run_dir(out: Path, resume: bool, exist_ok: bool, held: contextlib.ExitStack) -> None:
+    """Lock `out` for this run (kept in `held`), refuse an existing run unless asked, drop a killed run's temp files."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {out}: {e.strerror or e}") from None
+    held.enter_context(lock_run_dir(out))
+    if resume:
+        _check_writable(out)
+    else:
+        check_out_dir(out, exist_ok)
+    for tmp in out.glob(".*.tmp"):  # half-written by a killed run; nobody else writes here while we hold the lock
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def saving(out: Path, kept: str) -> Iterator[None]:
+    """Turn a failed write (disk full, folder made read-only) into a clear error saying what the run folder keeps."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"cannot write to {out}: {e.strerror or e}; {kept}") from None
 
 
 def make_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int):
@@ -95,16 +165,35 @@ def dataset_summary(train: ImageSet, tr_idx: np.ndarray, val_idx: np.ndarray, ro
 
 def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress: bool = True,
         log=print) -> dict:
-    """Train cfg.model on cfg.data into the run folder cfg.out; returns a summary of the run."""
-    out = Path(cfg.out)
-    device = resolve_device(cfg.device)
-    if not resume:
-        check_out_dir(out, exist_ok)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    """Train cfg.model on cfg.data into the run folder cfg.out; returns a summary of the run.
 
-    # 1) data: decode once (cached), split train into train/validation, stratified and seeded
+    Under torchrun (WORLD_SIZE > 1) every process calls this: each trains on its shard of every epoch with
+    DistributedDataParallel, metrics are summed over all of them, and rank 0 alone logs and writes files.
+    """
+    ranks = distributed.ranks_from_env()
+    if not ranks.main:
+        log, progress = (lambda m: None), False
+    distributed.check_batch(cfg.batch_size, ranks.world)
+    with distributed.process_group(ranks, resolve_device(cfg.device)) as device, contextlib.ExitStack() as held:
+        return _fit(cfg, ranks, device, held, resume, exist_ok, progress, log)
+
+
+def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextlib.ExitStack, resume: bool,
+         exist_ok: bool, progress: bool, log) -> dict:
+    out = Path(cfg.out)
+    torch.set_num_threads(distributed.threads_per_rank(cfg.threads, ranks))
+    amp = autocast_dtype(device, cfg.bf16)  # None: full float32
+
+    # 1) rank 0 claims the run folder: a lock held to the end, so a concurrent run into it refuses
+    distributed.leaders_first(ranks, ranks.main, lambda: claim_run_dir(out, resume, exist_ok, held))
+
+    # 2) data: decoded once (by the first process of each node, filling the cache the others then read),
+    #    train split into train/validation, stratified and seeded
     train_root = split_dir(cfg.data, "train")
-    data = load_folder(train_root, cfg.image_size, workers=cfg.workers, progress=progress)
+    load = lambda: load_folder(train_root, cfg.image_size, workers=cfg.workers, progress=progress)
+    data = distributed.leaders_first(ranks, ranks.local_rank == 0, load)
+    if data is None:
+        data = load()
     if len(data) == 0:
         raise RunError(f"no image in {train_root} could be read ({skip_summary(data.skipped)})")
     if len(data.classes) != 2:
@@ -114,21 +203,32 @@ def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress
     x_val, y_val = data.images[val_idx], torch.from_numpy(data.labels[val_idx])
     log(f"data: {len(tr_idx)} train / {len(val_idx)} val images, classes {data.classes}; {skip_summary(data.skipped)}")
 
-    # 2) model, optimiser and schedule, all seeded
+    # 3) model, optimiser and schedule, all seeded; with several processes DDP averages their gradients.
+    #    cfg.batch_size is the global batch: each process takes its share of every step
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.image_size).to(device).to(memory_format=torch.channels_last)
+    net = model
+    if ranks.active:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ranks.local_rank] if device.startswith("cuda") else None)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     # weight decay on conv/linear weights only: decaying norm scales and biases only fights the normalisation
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = opt_cls([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                   lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
+    n = len(tr_idx)
+    batch = cfg.batch_size // ranks.world  # per process
+    steps_per_epoch = math.ceil(math.ceil(n / ranks.world) / batch)
     sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)  # float16 gradients need scaling
     ema = None
     if cfg.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
                                                   use_buffers=True)
+    if ranks.active:
+        log(f"distributed: {ranks.world} processes ({torch.distributed.get_backend()}), global batch "
+            f"{cfg.batch_size} = {batch} per process, {steps_per_epoch} steps per epoch")
     history, best, start_epoch = [], None, 1
     if resume:
         last = torch.load(out / "last.pt", map_location=device, weights_only=False)
@@ -136,79 +236,115 @@ def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress
         opt.load_state_dict(last["optimizer"])
         if sched is not None:
             sched.load_state_dict(last["scheduler"])
+        if last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
         if ema is not None:
             ema.load_state_dict(last["ema"])
         history, best, start_epoch = last["history"], last["best"], last["epoch"] + 1
         log(f"resuming {out} after epoch {last['epoch']}/{cfg.epochs}")
-    else:
-        fileio.write_text(out / "config.json", cfg.to_json())
-        fileio.write_text(out / "data.json", json.dumps(dataset_summary(data, tr_idx, val_idx, cfg.data), indent=2))
-        write_skipped(out / "skipped.csv", data.skipped)
+        if last.get("world_size", 1) != ranks.world:
+            log(f"note: the run was trained with {last.get('world_size', 1)} process(es), it goes on with "
+                f"{ranks.world}: it continues, but not bit for bit as it would have")
 
     meta = {"model": cfg.model, "image_size": cfg.image_size, "classes": data.classes, "tta": cfg.tta,
             "config": dataclasses.asdict(cfg)}
+
+    def save_last(epoch: int, weights: dict, samples: int) -> None:
+        fileio.torch_save({**weights, "train_state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict() if sched else None, "scaler": scaler.state_dict(),
+                           "ema": ema.state_dict() if ema is not None else None, "history": history, "best": best,
+                           "world_size": ranks.world, "global_batch": cfg.batch_size,
+                           "steps_per_epoch": steps_per_epoch, "samples_per_epoch": samples}, out / "last.pt")
+
+    if not resume and ranks.main:
+        # the run folder is complete from the start: last.pt at epoch 0 makes even a first-epoch crash resumable
+        with saving(out, "the run could not start"):
+            fileio.write_text(out / "config.json", cfg.to_json())
+            fileio.write_text(out / "data.json", json.dumps(dataset_summary(data, tr_idx, val_idx, cfg.data), indent=2))
+            write_skipped(out / "skipped.csv", data.skipped)
+            write_history(out / "history.csv", history)
+            save_last(0, {**meta, "epoch": 0, "val_acc": "", "state_dict": model.state_dict()}, 0)
+
     aug = dict(shear=cfg.shear, zoom=cfg.zoom, flip=cfg.flip, crop=cfg.crop, jitter=cfg.jitter, erase=cfg.erase)
-    n = len(tr_idx)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        # 3) one pass over the training split; the epoch's generator fixes order, augmentation and dropout,
-        #    so a resumed run repeats exactly what an uninterrupted one does
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
-        model.train()
-        loss_sum, correct = 0.0, 0
-        bar = tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                   disable=not progress, leave=False)
-        for i in bar:
-            idx = perm[i:i + cfg.batch_size]
-            x = augment_batch(to_tensor(x_train[idx]), gen, **aug).to(device)  # (B, 3, S, S)
-            y = y_train[idx].float().to(device)
-            target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-            if cfg.mix > 0 and torch.rand(1, generator=gen).item() < cfg.mix:
-                x, target = mix_batch(x, target, gen)
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(x).float().squeeze(1)  # (B,)
-            loss = F.binary_cross_entropy_with_logits(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.item() * len(idx)
-            correct += int(((logits > 0).float() == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / min(i + cfg.batch_size, n):.4f}",
-                            acc=f"{correct / min(i + cfg.batch_size, n):.4f}")
-        bar.close()
+    saved = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            # 4) one pass over the training split. The epoch's generator fixes the order (one permutation; each
+            #    process trains on its slice), then augmentation and dropout follow (seed, epoch, rank); so a
+            #    resumed run repeats exactly what an uninterrupted one does
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=gen)
+            order, real = distributed.shard(perm, ranks.rank, ranks.world)  # (ceil(n / world),)
+            if ranks.rank:  # rank 0 goes on with the shared stream, so one process trains as it always has
+                gen.manual_seed(distributed.rank_seed(cfg.seed, epoch, ranks.rank))
+            torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, ranks.rank))
+            net.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                       disable=not progress, leave=False)
+            for i in bar:
+                idx, keep = order[i:i + batch], real[i:i + batch].to(device)
+                x = augment_batch(to_tensor(x_train[idx]), gen, **aug).to(device)  # (B, 3, S, S)
+                y = y_train[idx].float().to(device)
+                target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+                if cfg.mix > 0 and torch.rand(1, generator=gen).item() < cfg.mix:
+                    x, target = mix_batch(x, target, gen)
+                with torch.autocast(device_type=device.split(":")[0], dtype=amp or torch.bfloat16,
+                                    enabled=amp is not None):
+                    logits = net(x).float().squeeze(1)  # (B,)
+                losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # (B,)
+                loss = losses.mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if sched is not None:
+                    sched.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                # metrics count each sample once: the repeats that even out the shards are left out
+                loss_sum += float(losses.detach()[keep].sum())
+                correct += int(((logits > 0).float() == y)[keep].sum())
+                seen += int(keep.sum())
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", acc=f"{correct / max(seen, 1):.4f}")
+            bar.close()
+            loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], ranks, device)
 
-        # 4) validation on the held-out part of train; it alone picks the best checkpoint
-        scored = ema.module if ema is not None else model
-        row = {"epoch": epoch, "train_loss": round(loss_sum / n, 5), "train_acc": round(correct / n, 5),
-               "val_loss": "", "val_acc": "", "lr": f"{opt.param_groups[0]['lr']:.3g}"}
-        if len(val_idx):
-            probs = predict_probs(scored, x_val, tta=cfg.tta, device=device, bf16=cfg.bf16)
-            row["val_loss"] = round(bce(probs, y_val), 5)
-            row["val_acc"] = round(float(((probs > 0.5).long() == y_val).float().mean()), 5)
-        row["epoch_s"] = round(time.perf_counter() - t0, 2)
-        history.append(row)
-        score = (row["val_acc"], -row["val_loss"]) if len(val_idx) else (epoch, 0)
-        is_best = best is None or tuple(score) > tuple(best)
+            # 5) validation, on rank 0, on the held-out part of train; it alone picks the best checkpoint
+            scored = ema.module if ema is not None else model
+            row = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 5),
+                   "val_loss": "", "val_acc": "", "lr": f"{opt.param_groups[0]['lr']:.3g}"}
+            if ranks.main and len(val_idx):
+                probs = predict_probs(scored, x_val, tta=cfg.tta, device=device, bf16=amp is torch.bfloat16)
+                row["val_loss"] = round(bce(probs, y_val), 5)
+                row["val_acc"] = round(float(((probs > 0.5).long() == y_val).float().mean()), 5)
+            row["epoch_s"] = round(time.perf_counter() - t0, 2)
+            row = distributed.broadcast(row, ranks)  # every rank keeps the same history, so the same best
+            history.append(row)
+            score = (row["val_acc"], -row["val_loss"]) if len(val_idx) else (epoch, 0)
+            is_best = best is None or tuple(score) > tuple(best)
 
-        # 5) checkpoints: best (weights only) and last (everything needed to resume), each temp file + rename
-        weights = {**meta, "epoch": epoch, "val_acc": row["val_acc"], "state_dict": scored.state_dict()}
-        if is_best:
-            best = list(score)
-            fileio.torch_save(weights, out / "best.pt")
-        fileio.torch_save({**weights, "train_state_dict": model.state_dict(),
-                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
-                           "ema": ema.state_dict() if ema is not None else None, "history": history,
-                           "best": best}, out / "last.pt")
-        write_history(out / "history.csv", history)
-        log(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-            + (f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  " if len(val_idx) else "")
-            + f"{row['epoch_s']:.1f}s" + ("  *best" if is_best else ""))
+            # 6) checkpoints, by rank 0: best (weights only) and last (everything needed to resume), each
+            #    temp file + rename, so a crash at any point leaves every file whole
+            weights = {**meta, "epoch": epoch, "val_acc": row["val_acc"], "state_dict": scored.state_dict()}
+            if is_best:
+                best = list(score)
+            if ranks.main:
+                with saving(out, f"its files are complete as of epoch {saved}; make room, then continue with: "
+                                 f"catdog train --resume {out}"):
+                    if is_best:
+                        fileio.torch_save(weights, out / "best.pt")
+                    save_last(epoch, weights, int(seen))
+                    write_history(out / "history.csv", history)
+            distributed.barrier(ranks)
+            saved = epoch
+            log(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                + (f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  " if len(val_idx) else "")
+                + f"{row['epoch_s']:.1f}s" + ("  *best" if is_best else ""))
+    except KeyboardInterrupt:
+        log(f"interrupted: {out / 'last.pt'} holds epoch {saved}/{cfg.epochs}")
+        raise
 
     return {"out": str(out), "epochs": cfg.epochs, "history": history, "classes": data.classes,
-            "train_s": round(sum(float(r["epoch_s"]) for r in history), 1)}
+            "world_size": ranks.world, "train_s": round(sum(float(r["epoch_s"]) for r in history), 1)}
