@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,29 +61,31 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true", help="also run the ablation rows (validation only)")
     ap.add_argument("--ablation-seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="dataset root (default: the embedded set)")
+    ap.add_argument("--epochs", type=int, help="override the recipe's epochs (for a quick check)")
+    ap.add_argument("--image-size", type=int, help="override the recipe's image size (for a quick check)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/accuracy.md")
     args = ap.parse_args()
 
+    base = {k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size)) if v is not None}
     rows = []
     for seed in args.seeds:
-        rows.append(train_one({}, seed, args.data, test=True))
+        rows.append(train_one(base, seed, args.data, test=True))
         print(json.dumps(rows[-1]), flush=True)
     ablation = []
     if args.ablation:
         for name, overrides in ABLATIONS.items():
             if name == "default recipe":
                 r = next((r for r in rows if r["seed"] == args.ablation_seed), None)
-                r = r or train_one({}, args.ablation_seed, args.data, test=False)
+                r = r or train_one(base, args.ablation_seed, args.data, test=False)
             else:
-                r = train_one(overrides, args.ablation_seed, args.data, test=False)
+                r = train_one({**base, **overrides}, args.ablation_seed, args.data, test=False)
             ablation.append((name, r))
             print(name, json.dumps(r), flush=True)
 
-    cfg = TrainConfig.for_model("resnet")
+    cfg = TrainConfig.for_model("resnet", **base)
     acc = [r["test_acc"] for r in rows]
     lines = ["# Accuracy of the default recipe\n",
-             f"Made by `python benchmarks/accuracy.py --seeds {' '.join(map(str, args.seeds))}"
-             f"{' --ablation' if args.ablation else ''}` on 2 CPU cores. Model `resnet`, recipe: "
+             f"Made by `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} CPU cores. Model `resnet`, recipe: "
              f"`{json.dumps({k: getattr(cfg, k) for k in ('image_size', 'epochs', 'batch_size', 'lr', 'optimizer', 'schedule', 'weight_decay', 'label_smoothing', 'crop', 'jitter', 'erase', 'mix', 'tta', 'bf16')})}`.\n",
              "The checkpoint is chosen on the validation split (10 % of train); the test split (624 images) is "
              "evaluated once per seed.\n",
