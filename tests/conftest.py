@@ -57,3 +57,23 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"catdog {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """One-epoch runs of each model on the tiny set at 32 px, trained once per session: {"seed": RUN, "resnet": RUN}."""
+    from catdog.config import TrainConfig
+    from catdog.evaluate import evaluate
+    from catdog.fileio import write_text
+    from catdog.train import fit
+    import json
+
+    runs = {}
+    for model in ("seed", "resnet"):
+        out = tmp_path_factory.mktemp(f"run-{model}")
+        cfg = TrainConfig.for_model(model, data=str(tiny_data), out=str(out), epochs=1, image_size=32, batch_size=8,
+                                    workers=1)
+        fit(cfg, exist_ok=True, progress=False, log=lambda m: None)
+        write_text(out / "results.json", json.dumps(evaluate(out)))
+        runs[model] = out
+    return runs
