@@ -290,4 +290,4 @@ def test_serve_cli_refuses_a_missing_model(tmp_path):
     from conftest import run_cli
 
     proc = run_cli("serve", str(tmp_path / "no-run"), "--port", "0", check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("catdog: error: no model") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("catdog: error: model not found") and "Traceback" not in proc.stderr
