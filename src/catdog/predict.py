@@ -58,8 +58,13 @@ class _TorchRunner:
 
     kind = "torch"
 
-    def __init__(self, path: Path, device: str = "cpu"):
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0):
+        import torch
+
         from catdog.model import load_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
 
         try:
             self.model, meta = load_checkpoint(path, device)
@@ -87,10 +92,11 @@ class _OnnxRunner:
 
     kind = "onnx"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int = 0):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: one per core
         opts.log_severity_level = 3  # warnings about unused initialisers are noise here
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -121,11 +127,11 @@ class Classifier:
         self.runner, self.source, self.threshold, self.max_pixels = runner, source, threshold, max_pixels
 
     @classmethod
-    def load(cls, source: str | Path, threshold: float = 0.5, device: str = "cpu",
-             max_pixels: int = MAX_PIXELS) -> "Classifier":
-        """Load a run folder, a .pt checkpoint or an .onnx file."""
+    def load(cls, source: str | Path, threshold: float = 0.5, device: str = "cpu", max_pixels: int = MAX_PIXELS,
+             threads: int = 0) -> "Classifier":
+        """Load a run folder, a .pt checkpoint or an .onnx file (threads per inference: 0 = library default)."""
         path = resolve_model(source)
-        runner = _OnnxRunner(path) if path.suffix == ".onnx" else _TorchRunner(path, device)
+        runner = _OnnxRunner(path, threads) if path.suffix == ".onnx" else _TorchRunner(path, device, threads)
         return cls(runner, path, threshold, max_pixels)
 
     @property

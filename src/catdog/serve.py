@@ -96,9 +96,12 @@ async def _form_file(request: Request, body: bytes) -> tuple[bytes, str | None]:
 
 
 def create_app(run: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = MAX_PIXELS,
-               threshold: float = 0.5, concurrency: int = 0) -> FastAPI:
-    """The catdog app for a run folder, .pt or .onnx; uploads over max_bytes or max_pixels are refused."""
-    clf = Classifier.load(run, threshold, max_pixels=max_pixels)
+               threshold: float = 0.5, concurrency: int = 0, threads: int = 0) -> FastAPI:
+    """The catdog app for a run folder, .pt or .onnx; uploads over max_bytes or max_pixels are refused.
+
+    concurrency: inferences run at once (default: one per core); threads: per inference (0 = library default).
+    """
+    clf = Classifier.load(run, threshold, max_pixels=max_pixels, threads=threads)
     metrics = _run_metrics(clf.source, clf.runner)
     # Requests beyond this many wait for a free slot instead of oversubscribing the cores with torch threads.
     limiter = anyio.CapacityLimiter(concurrency or max(2, os.cpu_count() or 1))
@@ -177,5 +180,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_bytes:
 
     if max_bytes < 1:
         raise ValueError("--max-mb must be positive")
-    app = create_app(run, max_bytes=max_bytes)
+    # One thread per inference and one inference per core: on 2 cores 92 req/s against 62 with torch's default
+    # of all cores per inference, whose threads then fight over the same cores.
+    app = create_app(run, max_bytes=max_bytes, threads=1)
     uvicorn.run(app, host=host, port=port, log_level="info")
