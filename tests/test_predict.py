@@ -222,3 +222,21 @@ def test_predict_stream_reads_ahead_one_chunk_at_most(trained_runs, tiny_data):
     first = [next(rows) for _ in range(20)]
     assert len(consumed) == 32, "two chunks of 16 read for 20 rows, not the whole input"
     assert all(r["class"] == first[0]["class"] and r["error"] is None for r in first)
+
+
+def test_cams_explain_the_class_decided_with_tta_and_threshold(trained_runs, tiny_data):
+    from catdog.augment import to_tensor
+    from catdog.explain import compute_cams
+
+    run = trained_runs["resnet"]
+    path = sorted((tiny_data / "test" / "cats").glob("*.jpg"))[0]
+    p_dogs = Classifier.load(run).predict(path)[0].probabilities["dogs"]
+    says_dogs = Classifier.load(run, threshold=max(p_dogs - 0.01, 0.001))
+    says_cats = Classifier.load(run, threshold=min(p_dogs + 0.01, 0.999))
+    x = says_dogs.decode(path)[None]
+    model = says_dogs.runner.model
+    for clf, idx in ((says_dogs, 1), (says_cats, 0)):
+        assert clf.predict(path)[0].label == ["cats", "dogs"][idx]
+        expected = compute_cams(model, to_tensor(x.copy()), class_idx=[idx])[0]
+        np.testing.assert_allclose(clf.cams(x), expected, atol=1e-6)
+    assert not np.allclose(says_dogs.cams(x), says_cats.cams(x)), "the two classes have different evidence"

@@ -10,16 +10,20 @@ import os
 import re
 import struct
 import time
+import warnings
 import zlib
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from catdog.export import export_onnx
+
+with warnings.catch_warnings():  # starlette suggests another httpx package; the one installed works
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fastapi.testclient import TestClient
 from catdog.predict import Classifier
 from catdog.serve import DEFAULT_MAX_BYTES, create_app
 from conftest import REPO

@@ -79,11 +79,11 @@ class _TorchRunner:
 
         return predict_probs(self.model, images, tta=self.tta, device=self.device).numpy().astype(np.float64)
 
-    def cams(self, images: np.ndarray, method: str = "gradcam") -> np.ndarray:
+    def cams(self, images: np.ndarray, class_idx: list[int], method: str = "gradcam") -> np.ndarray:
         from catdog.augment import to_tensor
         from catdog.explain import compute_cams
 
-        maps, _, _ = compute_cams(self.model, to_tensor(images).to(self.device), method)
+        maps, _, _ = compute_cams(self.model, to_tensor(images).to(self.device), method, class_idx=class_idx)
         return maps
 
 
@@ -114,12 +114,14 @@ class _OnnxRunner:
         x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0  # (B, 3, S, S)
         return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0][:, 1].astype(np.float64)
 
-    def cams(self, images: np.ndarray, method: str = "gradcam") -> np.ndarray:
+    def cams(self, images: np.ndarray, class_idx: list[int], method: str = "gradcam") -> np.ndarray:
         raise ModelError("class activation maps need the PyTorch checkpoint (a run folder or .pt), not an .onnx file")
 
 
 class Classifier:
     """A trained two-class model ready for inference: `Classifier.load(RUN).predict(images)`."""
+
+    batch_size = 64  # images per forward pass
 
     def __init__(self, runner, source: Path, threshold: float = 0.5, max_pixels: int = MAX_PIXELS):
         if not 0 < threshold < 1:
@@ -168,7 +170,9 @@ class Classifier:
         batch = np.ascontiguousarray(batch)
         if not batch.flags.writeable:  # arrays viewing a PIL image are read-only; torch wants to own writable memory
             batch = batch.copy()
-        p1 = self.runner.probs1(batch)
+        # small inference batches: at 64 px a batch of 256 needs ~0.6 GB of activations (the resnet, with flip averaging)
+        step = self.batch_size
+        p1 = np.concatenate([self.runner.probs1(batch[i:i + step]) for i in range(0, len(batch), step)])
         return np.stack([1 - p1, p1], 1)
 
     def to_prediction(self, probs: np.ndarray) -> Prediction:
@@ -186,9 +190,14 @@ class Classifier:
             out += [self.to_prediction(p) for p in self.probs(batch)]
         return out
 
-    def cams(self, batch: np.ndarray, method: str = "gradcam") -> np.ndarray:
-        """Class activation maps (N, S, S) in [0, 1] for decoded images, each explaining its predicted class."""
-        return self.runner.cams(np.array(batch, dtype=np.uint8, copy=True), method)
+    def cams(self, batch: np.ndarray, probs: np.ndarray | None = None, method: str = "gradcam") -> np.ndarray:
+        """Class activation maps (N, S, S) in [0, 1] for decoded images, each explaining its predicted class.
+
+        The class is decided here (flip averaging, threshold), not by the single forward pass inside the CAM method.
+        """
+        probs = self.probs(batch) if probs is None else probs
+        class_idx = [int(p[1] >= self.threshold) for p in probs]
+        return self.runner.cams(np.array(batch, dtype=np.uint8, copy=True), class_idx, method)
 
 
 # --- many files, streamed -------------------------------------------------------------------------------------
@@ -204,7 +213,7 @@ def iter_inputs(inputs: Iterable[str]) -> Iterator[tuple[str, str | None]]:
                         yield os.path.join(dirpath, name), None
         elif os.path.exists(arg):
             yield arg, None  # a file named explicitly is always tried, whatever its extension
-        elif glob.has_magic(arg):
+        elif any(c in arg for c in "*?["):
             matched = False
             for path in glob.iglob(arg, recursive=True):
                 if os.path.isfile(path):
@@ -237,8 +246,9 @@ def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chu
             decoded = list(pool.map(lambda item: (None, item[1]) if item[1] else _decode_or_reason(clf, item[0]), part))
             ok = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
             batch = np.stack([decoded[i][0] for i in ok]) if ok else None
-            probs = dict(zip(ok, clf.probs(batch))) if ok else {}
-            maps = dict(zip(ok, clf.cams(batch))) if ok and cams else {}
+            p = clf.probs(batch) if ok else None
+            probs = dict(zip(ok, p)) if ok else {}
+            maps = dict(zip(ok, clf.cams(batch, p))) if ok and cams else {}
             for i, (path, _) in enumerate(part):
                 row = {"path": path, "class": None, "probabilities": None, "error": decoded[i][1]}
                 if i in probs:

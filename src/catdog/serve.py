@@ -121,10 +121,10 @@ def create_app(run: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: 
             arr = clf.decode(data)  # (S, S, 3) uint8
         except SkipImage as e:
             raise HTTPException(_error_status(str(e)), f"cannot use this image: {e}") from None
-        pred = clf.to_prediction(clf.probs(arr[None])[0])
-        out = pred.to_dict()
+        probs = clf.probs(arr[None])  # (1, 2)
+        out = clf.to_prediction(probs[0]).to_dict()
         if cam:
-            png = cam_overlay_png(data, clf.cams(arr[None])[0], max_pixels=max_pixels)
+            png = cam_overlay_png(data, clf.cams(arr[None], probs)[0], max_pixels=max_pixels)
             out["cam"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return out
