@@ -22,7 +22,7 @@ from PIL import Image
 from catdog.export import export_onnx
 
 with warnings.catch_warnings():  # starlette suggests another httpx package; the one installed works
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 from catdog.predict import Classifier
 from catdog.serve import DEFAULT_MAX_BYTES, create_app
@@ -112,6 +112,8 @@ def _bad_requests(bomb: bytes) -> dict:
         "truncated JPEG": (dict(content=photo[: len(photo) // 2], headers={"content-type": "image/jpeg"}), 422, "truncated"),
         "decompression bomb": (dict(files={"file": ("bomb.png", bomb, "image/png")}), 413, "too many pixels"),
         "raw body over 10 MB": (dict(content=over, headers={"content-type": "image/jpeg"}), 413, "exceeds the limit"),
+        "chunked body over 10 MB": (dict(content=(bytes(1 << 20) for _ in range(11)), headers={"content-type": "image/jpeg"}),
+                                    413, "exceeds the limit"),
         "file over 10 MB": (dict(files={"file": ("big.jpg", over, "image/jpeg")}), 413, "exceeds the limit"),
         "text/plain": (dict(content=photo, headers={"content-type": "text/plain"}), 415, "unsupported content type"),
         "JSON": (dict(json={"file": "cat.jpg"}), 415, "unsupported content type"),
