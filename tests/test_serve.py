@@ -280,7 +280,17 @@ def test_the_page_in_a_real_browser(server):
             labels = page.locator(".label").all_text_contents()
             assert sorted(set(labels) | {"cats", "dogs"}) == ["cats", "dogs"], labels
             assert page.locator(".row .bar span").count() == 4
+            assert page.locator("img.cam").first.get_attribute("src").startswith("data:image/png;base64,")
             assert page.locator(".error").count() == 0
+            # dropping a file works as picking one does
+            page.evaluate("""(b64) => {
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+                document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+            }""", base64.b64encode(CAT.read_bytes()).decode())
+            page.wait_for_function("document.querySelectorAll('.label[data-cls]').length === 3", timeout=60_000)
+            assert page.locator(".card .name").first.text_content() == "dropped.jpg"
             page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
 
             page.goto(url + "/docs")  # Swagger UI, from the app's own static files
