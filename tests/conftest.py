@@ -70,3 +70,23 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
                                 lr=3e-3, workers=1, threads=1)
     fit(cfg, progress=False, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """One-epoch runs of each model on the tiny set at 32 px, trained once per session: {"seed": RUN, "resnet": RUN}."""
+    from catdog.config import TrainConfig
+    from catdog.evaluate import evaluate
+    from catdog.fileio import write_text
+    from catdog.train import fit
+    import json
+
+    runs = {}
+    for model in ("seed", "resnet"):
+        out = tmp_path_factory.mktemp(f"run-{model}")
+        cfg = TrainConfig.for_model(model, data=str(tiny_data), out=str(out), epochs=1, image_size=32, batch_size=8,
+                                    workers=1)
+        fit(cfg, exist_ok=True, progress=False, log=lambda m: None)
+        write_text(out / "results.json", json.dumps(evaluate(out)))
+        runs[model] = out
+    return runs

@@ -141,6 +141,39 @@ def _data_check(args) -> int:
     return 0 if len(ds) else 1
 
 
+def _predict(args) -> int:
+    from catdog.predict import predict_files
+
+    n_ok, n_bad = predict_files(args.model, args.paths, fmt=args.format, out=args.out, cam_dir=args.cam,
+                                threshold=args.threshold, progress=not args.no_progress)
+    print(f"predicted {n_ok} image(s), {n_bad} unreadable" + (f"; rows in {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 0 if n_ok else 1
+
+
+def _export(args) -> int:
+    from catdog.export import export_onnx
+
+    info = export_onnx(args.run, args.out, atol=args.atol)
+    print(f"checked {info['checked_images']} images: max |onnx - torch| = {info['max_abs_diff']:.2g} "
+          f"<= atol {info['atol']:g}", file=sys.stderr)
+    print(info["out"])
+    return 0
+
+
+def _serve(args) -> int:
+    from catdog.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, max_bytes=int(args.max_mb * 1024 * 1024))
+    return 0
+
+
+def _run_error() -> type[Exception]:
+    """train.RunError once catdog.train is loaded; importing it here would pull in torch for ONNX-only commands."""
+    train = sys.modules.get("catdog.train")
+    return train.RunError if train is not None else ValueError
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="catdog", description="Train, evaluate, explain, export and serve a CNN "
                                  "image classifier (cats vs dogs by default).")
@@ -199,18 +232,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-size", type=int, default=64)
     c.add_argument("--workers", type=int, default=0)
     c.set_defaults(func=_data_check)
+
+    p = sub.add_parser("predict", help="predict files, folders (recursive) or globs with a run, .pt or .onnx model")
+    p.add_argument("model", help="run folder, .pt checkpoint or .onnx file")
+    p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--out", help="write the rows to this file (default: stdout)")
+    p.add_argument("--cam", metavar="DIR", help="also write a class activation map overlay per image into DIR")
+    p.add_argument("--threshold", type=float, default=0.5, help="P(second class) at or above which it is predicted")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_predict)
+
+    x = sub.add_parser("export", help="export a run to ONNX, checked against PyTorch")
+    x.add_argument("run", help="run folder or .pt checkpoint")
+    x.add_argument("--format", choices=("onnx",), default="onnx")
+    x.add_argument("--out", help="output file (default: model.onnx beside the checkpoint)")
+    x.add_argument("--atol", type=float, default=1e-5, help="largest allowed probability difference (default 1e-5)")
+    x.set_defaults(func=_export)
+
+    s = sub.add_parser("serve", help="HTTP API and web page for a run (FastAPI + uvicorn)")
+    s.add_argument("run", help="run folder, .pt checkpoint or .onnx file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-mb", type=float, default=10.0, help="largest accepted upload in MB (default 10)")
+    s.set_defaults(func=_serve)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     from catdog.data import DataError
-    from catdog.train import RunError
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
     try:
         return args.func(args)
-    except (DataError, RunError, FileNotFoundError, ValueError) as e:
+    except (DataError, _run_error(), FileNotFoundError, ValueError) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one message
             print(f"catdog: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,352 @@
+"""Inference with a trained model: a run folder, a .pt checkpoint or an exported .onnx file.
+
+torch is imported only when a PyTorch checkpoint is loaded, so predicting with an .onnx file needs numpy, Pillow
+and ONNX Runtime alone. Decoding goes through catdog.data, shared with training (same resize, same pixel limit).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from catdog.data import MAX_PIXELS, SkipImage, decode_image, is_image_file
+
+ONNX_INPUT = "image"  # float32 (B, 3, S, S), RGB, uint8 / 255, no mean/std normalisation
+ONNX_OUTPUT = "probs"  # float32 (B, 2): P(classes[0]), P(classes[1]), flip averaging applied when tta is on
+
+
+class ModelError(ValueError):
+    """A model source that cannot be loaded (missing, wrong kind of file, incomplete metadata)."""
+
+
+@dataclass
+class Prediction:
+    """One image's result: the predicted class and the probability of each class."""
+
+    label: str
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"class": self.label, "probabilities": self.probabilities}
+
+
+def resolve_model(source: str | Path) -> Path:
+    """The file to load: the .pt/.onnx given, or a run folder's best.pt, last.pt, then model.onnx."""
+    source = Path(source)
+    if source.is_dir():
+        for name in ("best.pt", "last.pt", "model.onnx"):
+            if (source / name).is_file():
+                return source / name
+        raise ModelError(f"no model in {source} (expected best.pt, last.pt or model.onnx)")
+    if not source.is_file():
+        raise ModelError(f"model not found: {source}")
+    if source.suffix not in (".pt", ".onnx"):
+        raise ModelError(f"{source} is neither a run folder, a .pt checkpoint nor an .onnx file")
+    return source
+
+
+class _TorchRunner:
+    """A PyTorch checkpoint; the only runner that can compute class activation maps."""
+
+    kind = "torch"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0):
+        import torch
+
+        from catdog.model import load_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
+
+        try:
+            self.model, meta = load_checkpoint(path, device)
+        except (KeyError, RuntimeError, EOFError, OSError, ValueError) as e:
+            raise ModelError(f"cannot load checkpoint {path}: {e}") from None
+        self.device, self.meta = device, meta
+        self.classes, self.image_size = list(meta["classes"]), int(meta["image_size"])
+        self.tta, self.model_name = bool(meta.get("tta", False)), meta["model"]
+
+    def probs1(self, images: np.ndarray) -> np.ndarray:
+        from catdog.model import predict_probs
+
+        return predict_probs(self.model, images, tta=self.tta, device=self.device).numpy().astype(np.float64)
+
+    def cams(self, images: np.ndarray, class_idx: list[int], method: str = "gradcam") -> np.ndarray:
+        from catdog.augment import to_tensor
+        from catdog.explain import compute_cams
+
+        maps, _, _ = compute_cams(self.model, to_tensor(images).to(self.device), method, class_idx=class_idx)
+        return maps
+
+
+class _OnnxRunner:
+    """An exported .onnx file run by ONNX Runtime: no torch involved."""
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: one per core
+        opts.log_severity_level = 3  # warnings about unused initialisers are noise here
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for unreadable or invalid graphs
+            raise ModelError(f"cannot load ONNX model {path}: {e}") from None
+        self.meta = meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.classes = json.loads(meta["classes"])
+            self.image_size = int(meta["image_size"])
+        except (KeyError, ValueError) as e:
+            raise ModelError(f"{path} lacks catdog metadata ({e}); export it with `catdog export`") from None
+        self.tta, self.model_name = meta.get("tta") == "true", meta.get("model", "onnx")
+
+    def probs1(self, images: np.ndarray) -> np.ndarray:
+        x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0  # (B, 3, S, S)
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0][:, 1].astype(np.float64)
+
+    def cams(self, images: np.ndarray, class_idx: list[int], method: str = "gradcam") -> np.ndarray:
+        raise ModelError("class activation maps need the PyTorch checkpoint (a run folder or .pt), not an .onnx file")
+
+
+class Classifier:
+    """A trained two-class model ready for inference: `Classifier.load(RUN).predict(images)`."""
+
+    batch_size = 64  # images per forward pass
+
+    def __init__(self, runner, source: Path, threshold: float = 0.5, max_pixels: int = MAX_PIXELS):
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be between 0 and 1, not {threshold}")
+        self.runner, self.source, self.threshold, self.max_pixels = runner, source, threshold, max_pixels
+
+    @classmethod
+    def load(cls, source: str | Path, threshold: float = 0.5, device: str = "cpu", max_pixels: int = MAX_PIXELS,
+             threads: int = 0) -> "Classifier":
+        """Load a run folder, a .pt checkpoint or an .onnx file (threads per inference: 0 = library default)."""
+        path = resolve_model(source)
+        runner = _OnnxRunner(path, threads) if path.suffix == ".onnx" else _TorchRunner(path, device, threads)
+        return cls(runner, path, threshold, max_pixels)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.runner.classes
+
+    @property
+    def image_size(self) -> int:
+        return self.runner.image_size
+
+    @property
+    def kind(self) -> str:
+        return self.runner.kind
+
+    def info(self) -> dict:
+        """What the model is: kind, architecture, classes, input size, flip averaging, threshold."""
+        return {"source": str(self.source), "kind": self.kind, "model": self.runner.model_name,
+                "classes": self.classes, "image_size": self.image_size, "tta": self.runner.tta,
+                "threshold": self.threshold, "input": "RGB resized to image_size x image_size (bilinear), uint8 / 255"}
+
+    def decode(self, image) -> np.ndarray:
+        """One path, bytes, PIL image or (H, W, 3) uint8 array to the model's (S, S, 3) uint8 input."""
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+                raise SkipImage(f"an array image must be (H, W, 1|3|4), not {image.shape}")
+            arr = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
+            image = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        return decode_image(image, self.image_size, self.max_pixels)
+
+    def probs(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 2) class probabilities for decoded uint8 (N, S, S, 3) images."""
+        if len(batch) == 0:
+            return np.zeros((0, 2))
+        batch = np.ascontiguousarray(batch)
+        if not batch.flags.writeable:  # arrays viewing a PIL image are read-only; torch wants to own writable memory
+            batch = batch.copy()
+        # small inference batches: at 64 px a batch of 256 needs ~0.6 GB of activations (the resnet, with flip averaging)
+        step = self.batch_size
+        p1 = np.concatenate([self.runner.probs1(batch[i:i + step]) for i in range(0, len(batch), step)])
+        return np.stack([1 - p1, p1], 1)
+
+    def to_prediction(self, probs: np.ndarray) -> Prediction:
+        label = self.classes[int(probs[1] >= self.threshold)]
+        return Prediction(label, {c: round(float(p), 6) for c, p in zip(self.classes, probs)})
+
+    def predict(self, images, batch_size: int = 256) -> list[Prediction]:
+        """Predictions for one image or a list of them (paths, bytes, PIL images or arrays); SkipImage if unreadable."""
+        if isinstance(images, (str, Path, bytes, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            images = [images]
+        out: list[Prediction] = []
+        it = iter(images)
+        while chunk := list(islice(it, batch_size)):
+            batch = np.stack([self.decode(im) for im in chunk])
+            out += [self.to_prediction(p) for p in self.probs(batch)]
+        return out
+
+    def cams(self, batch: np.ndarray, probs: np.ndarray | None = None, method: str = "gradcam") -> np.ndarray:
+        """Class activation maps (N, S, S) in [0, 1] for decoded images, each explaining its predicted class.
+
+        The class is decided here (flip averaging, threshold), not by the single forward pass inside the CAM method.
+        """
+        probs = self.probs(batch) if probs is None else probs
+        class_idx = [int(p[1] >= self.threshold) for p in probs]
+        return self.runner.cams(np.array(batch, dtype=np.uint8, copy=True), class_idx, method)
+
+
+# --- many files, streamed -------------------------------------------------------------------------------------
+
+def iter_inputs(inputs: Iterable[str]) -> Iterator[tuple[str, str | None]]:
+    """(path, problem) for every file named, found under a folder (recursively) or matched by a glob, lazily."""
+    for arg in inputs:
+        if os.path.isdir(arg):
+            for dirpath, dirnames, filenames in os.walk(arg):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if is_image_file(Path(name)):
+                        yield os.path.join(dirpath, name), None
+        elif os.path.exists(arg):
+            yield arg, None  # a file named explicitly is always tried, whatever its extension
+        elif any(c in arg for c in "*?["):
+            matched = False
+            for path in glob.iglob(arg, recursive=True):
+                if os.path.isfile(path):
+                    matched = True
+                    yield path, None
+            if not matched:
+                yield arg, "no file matches this pattern"
+        else:
+            yield arg, "no such file or folder"
+
+
+def _decode_or_reason(clf: Classifier, path: str) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return clf.decode(path), None
+    except SkipImage as e:
+        return None, str(e)
+
+
+def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chunk: int = 256, threads: int = 0,
+                   cams: bool = False) -> Iterator[dict]:
+    """One row per input ({path, class, probabilities, error}), in order, holding only `chunk` images at a time.
+
+    Pillow releases the GIL while decoding, so a thread pool decodes a chunk in parallel; chunks are submitted
+    one at a time so memory does not grow with the number of files. With cams, readable rows carry "cam_map".
+    """
+    threads = threads or min(8, os.cpu_count() or 1)
+    it = iter(items)
+    with ThreadPoolExecutor(threads) as pool:
+        while part := list(islice(it, chunk)):
+            decoded = list(pool.map(lambda item: (None, item[1]) if item[1] else _decode_or_reason(clf, item[0]), part))
+            ok = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
+            batch = np.stack([decoded[i][0] for i in ok]) if ok else None
+            p = clf.probs(batch) if ok else None
+            probs = dict(zip(ok, p)) if ok else {}
+            maps = dict(zip(ok, clf.cams(batch, p))) if ok and cams else {}
+            for i, (path, _) in enumerate(part):
+                row = {"path": path, "class": None, "probabilities": None, "error": decoded[i][1]}
+                if i in probs:
+                    row.update(clf.to_prediction(probs[i]).to_dict())
+                if i in maps:
+                    row["cam_map"] = maps[i]
+                yield row
+
+
+def cam_overlay_png(source, cam_map: np.ndarray, max_side: int = 320, max_pixels: int = MAX_PIXELS) -> bytes:
+    """A PNG of the map blended over the image, scaled so its longer side is at most max_side."""
+    import io
+
+    from catdog.data import open_image
+    from catdog.explain import overlay
+
+    img = open_image(source, max_pixels, draft_size=max_side)
+    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    overlay(img, cam_map).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+class RowWriter:
+    """Writes prediction rows as they come: an aligned table, CSV, or a JSON array (one object per line)."""
+
+    def __init__(self, f, fmt: str, classes: list[str], with_cam: bool = False):
+        import csv
+
+        self.f, self.fmt, self.classes, self.with_cam, self.n = f, fmt, classes, with_cam, 0
+        self.fields = ["path", "class", *[f"p_{c}" for c in classes], "error"] + (["cam"] if with_cam else [])
+        if fmt == "csv":
+            self.csv = csv.writer(f, lineterminator="\n")
+            self.csv.writerow(self.fields)
+        elif fmt == "json":
+            f.write("[")
+        elif fmt == "table":
+            f.write("  ".join([*(f"{'P(' + c + ')':>10}" for c in classes), f"{'class':<12}", "path"]) + "\n")
+        else:
+            raise ValueError(f"unknown format {fmt!r} (table, csv or json)")
+
+    def write(self, row: dict) -> None:
+        probs = row["probabilities"] or {}
+        if self.fmt == "csv":
+            self.csv.writerow([row["path"], row["class"] or "", *[probs.get(c, "") for c in self.classes],
+                               row["error"] or ""] + ([row.get("cam", "")] if self.with_cam else []))
+        elif self.fmt == "json":
+            keep = {k: row.get(k) for k in ("path", "class", "probabilities", "error")}
+            if self.with_cam:
+                keep["cam"] = row.get("cam")
+            self.f.write(("\n" if self.n == 0 else ",\n") + json.dumps(keep, ensure_ascii=False))
+        elif row["error"]:
+            self.f.write("  ".join([*(f"{'-':>10}" for _ in self.classes), f"{'unreadable':<12}",
+                                    f"{row['path']}  ({row['error']})"]) + "\n")
+        else:
+            self.f.write("  ".join([*(f"{probs[c]:>10.4f}" for c in self.classes), f"{row['class']:<12}",
+                                    row["path"]]) + "\n")
+        self.n += 1
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.f.write("\n]\n" if self.n else "]\n")
+
+
+def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out: str | Path | None = None,
+                  cam_dir: str | Path | None = None, threshold: float = 0.5, progress: bool = True,
+                  chunk: int = 256) -> tuple[int, int]:
+    """Predict every image the inputs name, writing rows as they come; returns (read, unreadable) counts."""
+    import contextlib
+    import re
+    import sys
+
+    from tqdm import tqdm
+
+    from catdog import fileio
+
+    clf = Classifier.load(source, threshold)
+    if cam_dir is not None and clf.kind != "torch":
+        raise ModelError("--cam needs the PyTorch checkpoint (a run folder or .pt), not an .onnx file")
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    counts = [0, 0]
+    sink = fileio.atomic_open(out, "w") if out is not None else contextlib.nullcontext(sys.stdout)
+    with sink as f:
+        writer = RowWriter(f, fmt, clf.classes, with_cam=cam_dir is not None)
+        bar = tqdm(unit="img", desc="predict", file=sys.stderr, disable=None if progress else True, leave=False)
+        for row in predict_stream(clf, iter_inputs(inputs), chunk=chunk, cams=cam_dir is not None):
+            counts[row["error"] is not None] += 1
+            if "cam_map" in row:
+                stem = re.sub(r"[^\w.-]+", "_", Path(row["path"]).stem)[:80]
+                cam_path = Path(cam_dir) / f"{sum(counts):06d}-{stem}.png"
+                try:
+                    fileio.write_bytes(cam_path, cam_overlay_png(row["path"], row.pop("cam_map")))
+                    row["cam"] = str(cam_path)
+                except SkipImage as e:  # changed on disk since it was decoded
+                    row["error"] = f"cam: {e}"
+            writer.write(row)
+            bar.update()
+        writer.close()
+        bar.close()
+    return counts[0], counts[1]
