@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end on a tiny set (their real runs are `make bench`, never the suite)."""
+import json
 import subprocess
 import sys
 
@@ -14,3 +15,16 @@ def test_accuracy_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
     text = out.read_text()
     assert text.count("\n| 0 | 32 | 1 |") == 1 and text.count("\n| 1 | 32 | 1 |") == 1
     assert "over 2 seeds" in text and "| no mixup/cutmix |" in text
+
+
+def test_speed_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
+    md, js = tmp_path / "speed.md", tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/speed.py"), "--data", str(tiny_data), "--repeats",
+                           "1", "--epochs", "1", "--latency-n", "5", "--keras-python", str(tmp_path / "no-keras"),
+                           "--out", str(md), "--json", str(js)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(js.read_text())["summary"][str(tiny_data)]
+    assert summary["catdog_train_img_per_s"]["median"] > 0 and 0 <= summary["catdog_acc"]["median"] <= 1
+    assert summary["catdog_onnx_predict_img_per_s"]["median"] > 0 and summary["catdog_torch_p99_ms"]["median"] > 0
+    assert "| training img/s |" in md.read_text()
