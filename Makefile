@@ -21,5 +21,19 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The Keras seed runs in its own environment, so TensorFlow never meets catdog's torch.
+KERAS_VENV := benchmarks/.venv-keras
+$(KERAS_VENV)/.installed:
+	$(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(KERAS_VENV)/bin/python -m pip install -q tensorflow-cpu==2.21.0 scikit-learn pillow
+	touch $@
+
+bench: install $(KERAS_VENV)/.installed  # speed, side by side with the Keras seed (~20 min)
+	$(PY) benchmarks/speed.py --keras-python $(KERAS_VENV)/bin/python
+
+bench-accuracy: install  # the default recipe over 3 seeds (~40 min on 2 cores)
+	$(PY) benchmarks/accuracy.py --seeds 0 1 2
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
