@@ -90,3 +90,18 @@ def trained_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
         write_text(out / "results.json", json.dumps(evaluate(out)))
         runs[model] = out
     return runs
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def launch_chromium(playwright):
+    """Debian's Chromium through Playwright; skipped when missing locally, a failure when missing under CI."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Chromium is missing at {CHROMIUM}; CI must install Debian's chromium")
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+

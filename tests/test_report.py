@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from catdog.report import PLOTS, evaluate_run, render_report
-from conftest import REPO, run_cli
+from conftest import REPO, launch_chromium, run_cli
 
 
 class _Refs(HTMLParser):
@@ -81,24 +81,12 @@ def test_report_and_evaluate_commands(tiny_run, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("catdog: error: not a run folder")
 
 
-def _chromium():
-    exe = "/usr/bin/chromium"
-    if not os.path.exists(exe):
-        if os.environ.get("CI") == "true":
-            pytest.fail("Chromium is missing at /usr/bin/chromium")
-        pytest.skip("Chromium is not installed at /usr/bin/chromium")
-    return exe
-
-
 @pytest.mark.browser
 def test_report_renders_in_chromium(evaluated_run):
-    exe = _chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors, requests = [], []

@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # starlette suggests another httpx package; the
     from fastapi.testclient import TestClient
 from catdog.predict import Classifier
 from catdog.serve import DEFAULT_MAX_BYTES, create_app
-from conftest import REPO
+from conftest import REPO, launch_chromium
 
 PHOTOS = REPO / "data" / "cats_and_dogs" / "test"
 CAT, DOG = PHOTOS / "cats" / "cat.4001.jpg", PHOTOS / "dogs" / "dog.4001.jpg"
@@ -241,26 +241,15 @@ def test_load_smoke_against_real_uvicorn(server, bomb):
     assert 0 < result["p50_ms"] <= result["p99_ms"] and result["req_per_s"] > 0
 
 
-def _chromium():
-    if not Path("/usr/bin/chromium").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("/usr/bin/chromium is missing; CI must install Debian's chromium")
-        pytest.skip("Debian chromium (/usr/bin/chromium) is not installed")
-    from playwright.sync_api import sync_playwright
-
-    return sync_playwright
-
-
 @pytest.mark.browser
 def test_the_page_in_a_real_browser(server):
-    sync_playwright = _chromium()
+    from playwright.sync_api import sync_playwright
+
     url, _ = server
     external = []
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 760})
 

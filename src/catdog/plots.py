@@ -93,15 +93,21 @@ def roc_curve(labels, probs, classes: list[str]) -> Figure:
     auc = skm.roc_auc_score(labels, probs)
     ax.plot(fpr, tpr, color=TRAIN, lw=2, label=f"model (AUC = {auc:.3f})")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance (AUC = 0.5)")
-    ax.set_xlabel(f"false positive rate ({classes[0]} called {classes[1]})")
-    ax.set_ylabel(f"true positive rate ({classes[1]} found)")
-    ax.set_title(f"ROC curve, positive class: {classes[1]}")
+    _unit_square(ax, f"false positive rate ({classes[0]} called {classes[1]})", f"true positive rate ({classes[1]} found)",
+                 f"ROC curve, positive class: {classes[1]}", top=1.01, legend="lower right")
+    return fig
+
+
+def _unit_square(ax, xlabel: str, ylabel: str, title: str, top: float, legend: str) -> None:
+    """Labels, limits, grid and legend shared by the ROC and precision-recall plots."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
+    ax.set_ylim(-0.01, top)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    return fig
+    ax.legend(loc=legend)
 
 
 def pr_curve(labels, probs, classes: list[str]) -> Figure:
@@ -113,14 +119,8 @@ def pr_curve(labels, probs, classes: list[str]) -> Figure:
     base = float(np.mean(np.asarray(labels) == 1))
     ax.step(recall, precision, where="post", color=TRAIN, lw=2, label=f"model (AP = {ap:.3f})")
     ax.axhline(base, ls="--", color="grey", label=f"base rate ({base:.1%} {classes[1]})")
-    ax.set_xlabel(f"recall ({classes[1]})")
-    ax.set_ylabel(f"precision ({classes[1]})")
-    ax.set_title(f"Precision-recall curve, positive class: {classes[1]}")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.05)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    _unit_square(ax, f"recall ({classes[1]})", f"precision ({classes[1]})",
+                 f"Precision-recall curve, positive class: {classes[1]}", top=1.05, legend="lower left")
     return fig
 
 
