@@ -1,0 +1,140 @@
+"""Where the time goes: one training epoch of the seed network split into its stages, and file -> prediction
+split into decoding and the forward pass, each with the levers off and on.
+
+Usage: python benchmarks/breakdown.py [--data DIR] [--epochs 2] [--out benchmarks/breakdown.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from catdog import fileio  # noqa: E402
+from catdog.augment import augment_batch, to_tensor  # noqa: E402
+from catdog.data import decode_files, scan_folder, split_dir  # noqa: E402
+from catdog.model import build_model, predict_probs  # noqa: E402
+
+STAGES = ("batch", "augment", "forward", "backward", "step")
+
+
+def profile_epochs(images: np.ndarray, labels: np.ndarray, bf16: bool, channels_last: bool, batch: int,
+                   epochs: int) -> dict:
+    """Seconds per stage over the last `epochs` of epochs+1 (the first warms oneDNN up), and img/s."""
+    torch.manual_seed(0)
+    model = build_model("seed", images.shape[1])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
+    t = dict.fromkeys(STAGES, 0.0)
+    total = 0.0
+    for epoch in range(epochs + 1):
+        gen = torch.Generator().manual_seed(epoch)
+        perm = torch.randperm(len(x_all), generator=gen)
+        marks = dict.fromkeys(STAGES, 0.0)
+        start = time.perf_counter()
+        for i in range(0, len(perm), batch):
+            t0 = time.perf_counter()
+            idx = perm[i:i + batch]
+            x, y = to_tensor(x_all[idx]), y_all[idx].float()
+            if not channels_last:
+                x = x.contiguous()
+            t1 = time.perf_counter()
+            x = augment_batch(x, gen)
+            if not channels_last:
+                x = x.contiguous()
+            t2 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x).float().squeeze(1)
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            t3 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t4 = time.perf_counter()
+            opt.step()
+            t5 = time.perf_counter()
+            for k, (a, b) in zip(STAGES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
+                marks[k] += b - a
+        if epoch:  # epoch 0 is warm-up
+            total += time.perf_counter() - start
+            for k in STAGES:
+                t[k] += marks[k]
+    return {"img_per_s": epochs * len(x_all) / total, **{k: v / total for k, v in t.items()}}
+
+
+def profile_predict(paths: list[str], size: int, workers: int, draft: bool) -> dict:
+    """Decode (with or without JPEG draft mode, in `workers` processes) then predict; seconds for each."""
+    import catdog.data as D
+
+    saved = D.decode_image
+    if not draft:  # the same decode without DCT scaling: what a plain PIL open + resize costs
+        def full(source, image_size, max_pixels=D.MAX_PIXELS):
+            img = D.open_image(source, max_pixels, draft_size=None)
+            from PIL import Image
+            return np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        D.decode_image = full
+    try:
+        t0 = time.perf_counter()
+        arrays, _ = decode_files(paths, size, workers=workers)
+        t1 = time.perf_counter()
+    finally:
+        D.decode_image = saved
+    images = np.stack([a for a in arrays if a is not None])
+    torch.manual_seed(0)
+    model = build_model("seed", size).eval()
+    predict_probs(model, images[:64])  # warm-up
+    t2 = time.perf_counter()
+    predict_probs(model, images)
+    t3 = time.perf_counter()
+    return {"decode_s": t1 - t0, "forward_s": t3 - t2, "img_per_s": len(paths) / (t3 - t2 + t1 - t0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=REPO / "data/cats_and_dogs")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/breakdown.md")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    _, items = scan_folder(split_dir(args.data, "train"))
+    arrays, _ = decode_files([p for p, _ in items], 64)
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    images = np.stack([arrays[i] for i in keep])
+    labels = np.array([items[i][1] for i in keep])
+    lines = [f"# Profile: where the time goes\n", f"Made by `python benchmarks/breakdown.py --data {args.data}` "
+             f"({os.cpu_count()} CPU cores, {len(images)} training images at 64 px, seed network). Shares of the "
+             "wall time of an epoch, after one warm-up epoch.\n",
+             "| variant | img/s | " + " | ".join(STAGES) + " |", "| --- | --- | " + " | ".join("---" for _ in STAGES) + " |"]
+    for name, kw in (("fp32, NCHW, batch 32 (the plain PyTorch loop)", dict(bf16=False, channels_last=False, batch=32)),
+                     ("fp32, channels-last, batch 32", dict(bf16=False, channels_last=True, batch=32)),
+                     ("bf16 autocast, channels-last, batch 32 (catdog's --bf16)", dict(bf16=True, channels_last=True, batch=32)),
+                     ("bf16 autocast, channels-last, batch 64", dict(bf16=True, channels_last=True, batch=64))):
+        r = profile_epochs(images, labels, epochs=args.epochs, **kw)
+        lines.append(f"| {name} | {r['img_per_s']:.0f} | " + " | ".join(f"{r[k]:.0%}" for k in STAGES) + " |")
+        print(lines[-1], flush=True)
+
+    _, test_items = scan_folder(split_dir(args.data, "test"))
+    paths = [p for p, _ in test_items]
+    lines += ["\n## File → prediction over the test folder\n", "| variant | decode (s) | forward (s) | img/s |",
+              "| --- | --- | --- | --- |"]
+    for name, kw in (("full JPEG decode, 1 process", dict(workers=1, draft=False)),
+                     ("draft-mode JPEG decode, 1 process", dict(workers=1, draft=True)),
+                     (f"draft-mode JPEG decode, {os.cpu_count()} processes", dict(workers=0, draft=True))):
+        r = profile_predict(paths, 64, **kw)
+        lines.append(f"| {name} | {r['decode_s']:.2f} | {r['forward_s']:.2f} | {r['img_per_s']:.0f} |")
+        print(lines[-1], flush=True)
+    fileio.write_text(args.out, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
