@@ -127,6 +127,21 @@ def _report(args) -> int:
     return 0
 
 
+def _data_download(args) -> int:
+    from catdog.data import load_folder, skip_summary, split_dir
+    from catdog.download import download_dataset
+
+    out, digest = download_dataset(args.url, args.out, args.sha256, progress=sys.stderr.isatty())
+    print(f"sha256 {digest}" + ("" if args.sha256 else " (pass --sha256 to verify it next time)"), file=sys.stderr)
+    for split in ("train", "test"):
+        if (out / split).is_dir() or split == "train":
+            ds = load_folder(split_dir(out, split), 64, cache=False, progress=False)
+            print(f"{split_dir(out, split)}: {len(ds)} images, classes {ds.classes}; {skip_summary(ds.skipped)}",
+                  file=sys.stderr)
+    print(out)
+    return 0
+
+
 def _data_check(args) -> int:
     from catdog.data import load_folder, skip_summary
 
@@ -232,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-size", type=int, default=64)
     c.add_argument("--workers", type=int, default=0)
     c.set_defaults(func=_data_check)
+    g = d.add_parser("download", help="fetch a dataset archive (.zip/.tar.*) by URL and unpack it as DIR/<class>/")
+    g.add_argument("url")
+    g.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    g.add_argument("--sha256", help="expected SHA-256 of the archive; a mismatch is refused")
+    g.set_defaults(func=_data_download)
 
     p = sub.add_parser("predict", help="predict files, folders (recursive) or globs with a run, .pt or .onnx model")
     p.add_argument("model", help="run folder, .pt checkpoint or .onnx file")
