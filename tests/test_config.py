@@ -14,3 +14,10 @@ def test_recipe_overrides_and_json_roundtrip():
 def test_invalid_fields_are_refused(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+def test_dataclass_defaults_are_the_default_recipe():
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RECIPES["resnet"]}
+    assert defaults == RECIPES["resnet"]

@@ -45,7 +45,7 @@ def _train(args) -> int:
         cfg = TrainConfig.for_model(
             args.model, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
-            threads=args.threads, workers=args.workers, bf16=args.bf16 or None, device=args.device)
+            threads=args.threads, workers=args.workers, bf16=args.bf16, device=args.device)
     if args.nproc is not None and args.nproc < 1:
         raise ValueError("--nproc must be at least 1")
     if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:
@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.1)")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     t.add_argument("--workers", type=int, help="image-decoding processes (default: one per core)")
-    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX)")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (fast on CPUs with AMX; default: the model's recipe, on for resnet)")
     t.add_argument("--device", choices=("cpu", "cuda", "auto"),
                    help="auto (default): CUDA with mixed precision when a GPU is present, else CPU")
     t.add_argument("--nproc", type=int, metavar="N",

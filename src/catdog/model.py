@@ -60,7 +60,7 @@ class ResNet(nn.Module):
 
     cam_layer = "features"  # output of the last residual block, just before global average pooling
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), depth: tuple[int, ...] = (1, 1, 1),
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), depth: tuple[int, ...] = (2, 2, 2),
                  dropout: float = 0.2, stem_stride: int = 1):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False), nn.BatchNorm2d(widths[0]),
