@@ -52,42 +52,54 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float = 3600)
 
 # --- the catdog side, run as child processes of this script --------------------------------------------------
 
-def child_train(data: str, out: str, epochs: int, batch_size: int, bf16: bool) -> dict:
-    """Train the seed network as seed_keras.py does (all train images, no validation), then evaluate test."""
-    t0 = time.perf_counter()
+def child_train(data: str, out: str, epochs: int, batch_size: int, bf16: bool, seed: int) -> dict:
+    """Train the seed network as seed_keras.py does (all train images, no validation), then evaluate test.
+
+    The clock starts after the imports and includes decoding the images, as seed_keras.py's does.
+    """
+    t_imp = time.perf_counter()
     from catdog.config import TrainConfig
     from catdog.evaluate import evaluate
     from catdog.train import fit
 
+    t0 = time.perf_counter()
     cfg = TrainConfig.for_model("seed", data=data, out=out, epochs=epochs, batch_size=batch_size, bf16=bf16,
-                                val_fraction=0.0)
+                                val_fraction=0.0, seed=seed)
     summary = fit(cfg, exist_ok=True, progress=False, log=lambda m: None)
-    train_s = time.perf_counter() - t0  # includes imports and decoding, as the Keras figure includes loading
+    train_s = time.perf_counter() - t0
     n = sum(json.loads(Path(out, "data.json").read_text())["train"].values())
     res = evaluate(out, data)
     return {"train_s": train_s, "train_img_per_s": epochs * n / train_s, "acc": res["accuracy"],
-            "auc": res["roc_auc"], "loop_s": summary["train_s"]}
+            "auc": res["roc_auc"], "loop_s": summary["train_s"], "import_s": t0 - t_imp}
 
 
 def child_predict(model: str, folder: str, engine: str, latency_n: int) -> dict:
-    """Files -> probabilities over a folder through `catdog predict`'s streaming path; then single-image latency."""
+    """Files -> probabilities over a folder through `catdog predict`'s streaming path, twice: first with an empty
+    decode cache (every file decoded, and stored), then as a later `catdog predict` of the same files would run,
+    reading the cache. Then single-image latency."""
     import numpy as np
 
     from catdog.predict import Classifier, iter_inputs, predict_stream
+    from catdog.store import DecodeStore
 
     clf = Classifier.load(model)
     paths = [p for p, _ in iter_inputs([folder])]
     clf.predict(paths[:8])  # warm-up: first-call allocations are not throughput
-    t0 = time.perf_counter()
-    rows = list(predict_stream(clf, ((p, None) for p in paths)))
-    pred_s = time.perf_counter() - t0
-    assert all(r["error"] is None for r in rows)
+    img_per_s = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("cold", "warm"):
+            store = DecodeStore(clf.image_size, path=Path(tmp, "decoded.sqlite"))  # as a new process opens it
+            t0 = time.perf_counter()
+            rows = list(predict_stream(clf, ((p, None) for p in paths), store=store))
+            img_per_s[kind] = len(rows) / (time.perf_counter() - t0)
+            store.close()
+            assert all(r["error"] is None for r in rows)
     lat = []
     for p in paths[:latency_n]:
         t = time.perf_counter()
         clf.predict([p])
         lat.append((time.perf_counter() - t) * 1000)
-    return {"engine": engine, "n": len(rows), "predict_img_per_s": len(rows) / pred_s,
+    return {"engine": engine, "n": len(rows), "predict_img_per_s": img_per_s["cold"], "cached_img_per_s": img_per_s["warm"],
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
@@ -115,7 +127,7 @@ def bench_dataset(data: Path, args, log) -> dict:
                     f"{test['predict_img_per_s']} img/s predict, {rss:.0f} MiB")
             run = Path(tmp, f"run{rep}")
             cache = Path(tmp, f"cache{rep}")  # a cold cache each time: decoding is part of the measurement
-            res, rss = run_measured([py, __file__, "--child-train", str(data), str(run), "--epochs", str(args.epochs),
+            res, rss = run_measured([py, __file__, "--child-train", str(data), str(run), "--epochs", str(args.epochs), "--seed", str(rep),
                                      "--batch-size", str(args.batch_size), "--precision", args.precision],
                                     env={"CATDOG_CACHE": str(cache)})
             raw["catdog_train"].append({**res, "rss_mib": rss})
@@ -127,7 +139,8 @@ def bench_dataset(data: Path, args, log) -> dict:
                 res, rss = run_measured([py, __file__, "--child-predict", str(model), str(data / "test"), engine,
                                          "--latency-n", str(args.latency_n)], env={"CATDOG_CACHE": str(cache)})
                 raw[f"catdog_{engine}"].append({**res, "rss_mib": rss})
-                log(f"  catdog {engine}: {res['predict_img_per_s']:.0f} img/s predict, p50 {res['p50_ms']:.1f} ms, "
+                log(f"  catdog {engine}: {res['predict_img_per_s']:.0f} img/s predict, {res['cached_img_per_s']:.0f} cached, "
+                    f"p50 {res['p50_ms']:.1f} ms, "
                     f"{rss:.0f} MiB")
     return raw
 
@@ -148,14 +161,16 @@ def summarise(raw: dict) -> dict:
     for engine in ("torch", "onnx"):
         rows = raw[f"catdog_{engine}"]
         s[f"catdog_{engine}_predict_img_per_s"] = stats([r["predict_img_per_s"] for r in rows])
+        s[f"catdog_{engine}_cached_img_per_s"] = stats([r["cached_img_per_s"] for r in rows])
         s[f"catdog_{engine}_p50_ms"] = stats([r["p50_ms"] for r in rows])
         s[f"catdog_{engine}_p99_ms"] = stats([r["p99_ms"] for r in rows])
         s[f"catdog_{engine}_rss_mib"] = stats([r["rss_mib"] for r in rows])
     if raw["keras"]:
         s["ratio_train"] = s["catdog_train_img_per_s"]["median"] / s["keras_train_img_per_s"]["median"]
         for engine in ("torch", "onnx"):
-            s[f"ratio_predict_{engine}"] = (s[f"catdog_{engine}_predict_img_per_s"]["median"]
-                                           / s["keras_predict_img_per_s"]["median"])
+            for kind in ("predict", "cached"):
+                s[f"ratio_{kind}_{engine}"] = (s[f"catdog_{engine}_{kind}_img_per_s"]["median"]
+                                               / s["keras_predict_img_per_s"]["median"])
     return s
 
 
@@ -163,7 +178,12 @@ def markdown(results: dict, args) -> str:
     lines = [f"# Speed: catdog vs the Keras seed, side by side\n",
              f"Made by `python benchmarks/speed.py` ({args.repeats} alternating repeats each, seed network, "
              f"{args.epochs} epochs, batch {args.batch_size}, catdog {'bf16 autocast' if args.bf16 else 'fp32'}, "
-             f"{os.cpu_count()} CPU cores). Figures: median (min–max).\n"]
+             f"{os.cpu_count()} CPU cores). Figures: median (min–max).\n",
+             "Training time runs from after the imports to the end of the last epoch on both sides, decoding "
+             "the images included; repeat k trains with seed k on both sides. File → prediction lists the files "
+             "first on both sides, then times decoding, resizing and the forward pass; catdog's first pass starts "
+             "from an empty decode cache (and fills it), the \"same files again\" rows are a second pass over the "
+             "same files, read from that cache, as a later `catdog predict` of the folder runs.\n"]
     for name, s in results.items():
         lines += [f"\n## {name}\n", "| measure | Keras seed | catdog | catdog / Keras |", "| --- | --- | --- | --- |"]
         k = lambda key, d=1: fmt(s[key], d) if key in s else "n/a"
@@ -174,6 +194,8 @@ def markdown(results: dict, args) -> str:
             f"| test accuracy after training | {k('keras_acc', 4)} | {k('catdog_acc', 4)} | |",
             f"| file → prediction img/s, PyTorch | {k('keras_predict_img_per_s', 0)} | {k('catdog_torch_predict_img_per_s', 0)} | {r('ratio_predict_torch')} |",
             f"| file → prediction img/s, ONNX Runtime | {k('keras_predict_img_per_s', 0)} | {k('catdog_onnx_predict_img_per_s', 0)} | {r('ratio_predict_onnx')} |",
+            f"| same files again (decode cache), PyTorch | {k('keras_predict_img_per_s', 0)} | {k('catdog_torch_cached_img_per_s', 0)} | {r('ratio_cached_torch')} |",
+            f"| same files again (decode cache), ONNX Runtime | {k('keras_predict_img_per_s', 0)} | {k('catdog_onnx_cached_img_per_s', 0)} | {r('ratio_cached_onnx')} |",
             f"| single-image latency p50 / p99 (ms), PyTorch | | {k('catdog_torch_p50_ms', 2)} / {k('catdog_torch_p99_ms', 2)} | |",
             f"| single-image latency p50 / p99 (ms), ONNX | | {k('catdog_onnx_p50_ms', 2)} / {k('catdog_onnx_p99_ms', 2)} | |",
             f"| peak RSS training (MiB) | {k('keras_rss_mib', 0)} | {k('catdog_train_rss_mib', 0)} | |",
@@ -191,6 +213,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                     help="catdog's training precision (bf16 autocast pays on CPUs with AMX)")
     ap.add_argument("--latency-n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0, help="(child) catdog's training seed; repeat k uses seed k")
     ap.add_argument("--keras-python", default=str(REPO / "benchmarks/.venv-keras/bin/python"))
     ap.add_argument("--seed-keras", default=str(REPO.parent / "shared/anchors/seed_keras.py"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/speed.md")
@@ -201,7 +224,7 @@ def main() -> None:
     args.bf16 = args.precision == "bf16"
 
     if args.child_train:
-        print(json.dumps(child_train(*args.child_train, args.epochs, args.batch_size, args.bf16)))
+        print(json.dumps(child_train(*args.child_train, args.epochs, args.batch_size, args.bf16, args.seed)))
         return
     if args.child_predict:
         print(json.dumps(child_predict(*args.child_predict, args.latency_n)))

@@ -27,4 +27,5 @@ def test_speed_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
     summary = json.loads(js.read_text())["summary"][str(tiny_data)]
     assert summary["catdog_train_img_per_s"]["median"] > 0 and 0 <= summary["catdog_acc"]["median"] <= 1
     assert summary["catdog_onnx_predict_img_per_s"]["median"] > 0 and summary["catdog_torch_p99_ms"]["median"] > 0
-    assert "| training img/s |" in md.read_text()
+    assert summary["catdog_torch_cached_img_per_s"]["median"] > 0
+    assert "| training img/s |" in md.read_text() and "| same files again (decode cache), ONNX Runtime |" in md.read_text()

@@ -160,7 +160,7 @@ def _predict(args) -> int:
     from catdog.predict import predict_files
 
     n_ok, n_bad = predict_files(args.model, args.paths, fmt=args.format, out=args.out, cam_dir=args.cam,
-                                threshold=args.threshold, progress=not args.no_progress)
+                                threshold=args.threshold, progress=not args.no_progress, cache=not args.no_cache)
     print(f"predicted {n_ok} image(s), {n_bad} unreadable" + (f"; rows in {args.out}" if args.out else ""),
           file=sys.stderr)
     return 0 if n_ok else 1
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam", metavar="DIR", help="also write a class activation map overlay per image into DIR")
     p.add_argument("--threshold", type=float, default=0.5, help="P(second class) at or above which it is predicted")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode every file, without reading or adding to the decode cache (~/.cache/catdog)")
     p.set_defaults(func=_predict)
 
     x = sub.add_parser("export", help="export a run to ONNX, checked against PyTorch")

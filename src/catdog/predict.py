@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from catdog.data import MAX_PIXELS, SkipImage, decode_image, is_image_file
+from catdog.store import DecodeStore
 
 ONNX_INPUT = "image"  # float32 (B, 3, S, S), RGB, uint8 / 255, no mean/std normalisation
 ONNX_OUTPUT = "probs"  # float32 (B, 2): P(classes[0]), P(classes[1]), flip averaging applied when tta is on
@@ -233,17 +234,28 @@ def _decode_or_reason(clf: Classifier, path: str) -> tuple[np.ndarray | None, st
 
 
 def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chunk: int = 256, threads: int = 0,
-                   cams: bool = False) -> Iterator[dict]:
+                   cams: bool = False, store: DecodeStore | None = None) -> Iterator[dict]:
     """One row per input ({path, class, probabilities, error}), in order, holding only `chunk` images at a time.
 
     Pillow releases the GIL while decoding, so a thread pool decodes a chunk in parallel; chunks are submitted
-    one at a time so memory does not grow with the number of files. With cams, readable rows carry "cam_map".
+    one at a time so memory does not grow with the number of files. With a store, files decoded before are read
+    from it and new ones are added. With cams, readable rows carry "cam_map".
     """
     threads = threads or min(8, os.cpu_count() or 1)
     it = iter(items)
     with ThreadPoolExecutor(threads) as pool:
         while part := list(islice(it, chunk)):
-            decoded = list(pool.map(lambda item: (None, item[1]) if item[1] else _decode_or_reason(clf, item[0]), part))
+            keys = [store.key(path) if store is not None and not problem else None for path, problem in part]
+            decoded: list = [(None, problem) if problem else None for _, problem in part]
+            if store is not None:
+                for i, arr in enumerate(store.get(keys)):
+                    if arr is not None:
+                        decoded[i] = (arr, None)
+            todo = [i for i, d in enumerate(decoded) if d is None]
+            for i, result in zip(todo, pool.map(lambda i: _decode_or_reason(clf, part[i][0]), todo)):
+                decoded[i] = result
+            if store is not None:
+                store.put([(keys[i], decoded[i][0]) for i in todo if keys[i] is not None and decoded[i][0] is not None])
             ok = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
             batch = np.stack([decoded[i][0] for i in ok]) if ok else None
             p = clf.probs(batch) if ok else None
@@ -315,8 +327,11 @@ class RowWriter:
 
 def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out: str | Path | None = None,
                   cam_dir: str | Path | None = None, threshold: float = 0.5, progress: bool = True,
-                  chunk: int = 256) -> tuple[int, int]:
-    """Predict every image the inputs name, writing rows as they come; returns (read, unreadable) counts."""
+                  chunk: int = 256, cache: bool = True) -> tuple[int, int]:
+    """Predict every image the inputs name, writing rows as they come; returns (read, unreadable) counts.
+
+    With cache, decoded inputs are kept in the decode store (catdog.store), so files seen before are not decoded again.
+    """
     import contextlib
     import re
     import sys
@@ -335,7 +350,9 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
     with sink as f:
         writer = RowWriter(f, fmt, clf.classes, with_cam=cam_dir is not None)
         bar = tqdm(unit="img", desc="predict", file=sys.stderr, disable=None if progress else True, leave=False)
-        for row in predict_stream(clf, iter_inputs(inputs), chunk=chunk, cams=cam_dir is not None):
+        store = DecodeStore(clf.image_size, clf.max_pixels) if cache else None
+        rows = predict_stream(clf, iter_inputs(inputs), chunk=chunk, cams=cam_dir is not None, store=store)
+        for row in rows:
             counts[row["error"] is not None] += 1
             if "cam_map" in row:
                 stem = re.sub(r"[^\w.-]+", "_", Path(row["path"]).stem)[:80]
@@ -349,4 +366,6 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
             bar.update()
         writer.close()
         bar.close()
+        if store is not None:
+            store.close()
     return counts[0], counts[1]
