@@ -8,13 +8,28 @@ from conftest import REPO
 
 def test_accuracy_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
     out = tmp_path / "accuracy.md"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/accuracy.py"), "--data", str(tiny_data), "--seeds",
-                           "0", "1", "--epochs", "1", "--image-size", "32", "--ablation", "--out", str(out)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    text = out.read_text()
+    out.write_text("# old table\n\n## How the recipe was chosen\n\nnotes written by hand\n")
+
+    def bench(*args):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks/accuracy.py"), "--data", str(tiny_data),
+                               "--epochs", "1", "--image-size", "32", "--out", str(out), *args],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return out.read_text()
+
+    bench("--seeds", "0", "1")
+    # a later invocation adds ablation rows to the same tables; the hand-written section is kept
+    text = bench("--seeds", "--ablation", "default recipe", "no mixup/cutmix")
     assert text.count("\n| 0 | 32 | 1 |") == 1 and text.count("\n| 1 | 32 | 1 |") == 1
-    assert "over 2 seeds" in text and "| no mixup/cutmix |" in text
+    assert "over 2 seeds" in text and "| no mixup/cutmix |" in text and "| default recipe |" in text
+    assert "old table" not in text and text.rstrip().endswith("notes written by hand")
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert set(results["seeds"]) == {"0", "1"} and set(results["ablation"]) == {"default recipe", "no mixup/cutmix"}
+    assert results["ablation"]["default recipe"]["val_acc"] == results["seeds"]["0"]["val_acc"]
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/accuracy.py"), "--seeds", "--ablation", "no such row",
+                           "--out", str(out)], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 2 and "unknown ablation row" in proc.stderr
 
 
 def test_speed_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
