@@ -29,7 +29,8 @@ $(KERAS_VENV)/.installed:
 	$(KERAS_VENV)/bin/python -m pip install -q tensorflow-cpu==2.21.0 scikit-learn pillow
 	touch $@
 
-bench: install $(KERAS_VENV)/.installed  # speed, side by side with the Keras seed (~20 min)
+bench: install $(KERAS_VENV)/.installed  # the profile, then speed side by side with the Keras seed (~20 min)
+	$(PY) benchmarks/breakdown.py --data $(firstword $(wildcard ../shared/data/cats_and_dogs) data/cats_and_dogs)
 	$(PY) benchmarks/speed.py --keras-python $(KERAS_VENV)/bin/python
 
 bench-accuracy: install  # the default recipe over 3 seeds (~40 min on 2 cores)

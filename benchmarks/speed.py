@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--seed-keras", default=str(REPO.parent / "shared/anchors/seed_keras.py"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/speed.md")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/speed.json")
+    ap.add_argument("--profile", type=Path, default=REPO / "benchmarks/breakdown.md",
+                    help="profile to append to the report (written by benchmarks/breakdown.py)")
     ap.add_argument("--child-train", nargs=2, metavar=("DATA", "RUN"))
     ap.add_argument("--child-predict", nargs=3, metavar=("MODEL", "FOLDER", "ENGINE"))
     args = ap.parse_args()
@@ -243,7 +245,11 @@ def main() -> None:
     from catdog import fileio
     fileio.write_text(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "summary": results, "raw": raw}, indent=2))
-    fileio.write_text(args.out, markdown(results, args))
+    text = markdown(results, args)
+    if args.profile.exists():  # the profile of benchmarks/breakdown.py, which `make bench` runs first
+        body = args.profile.read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
+        text += f"\n## Where the time goes (from `{args.profile.relative_to(REPO) if args.profile.is_relative_to(REPO) else args.profile}`)\n{body}"
+    fileio.write_text(args.out, text)
     print(args.out.read_text())
 
 

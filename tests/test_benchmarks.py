@@ -34,9 +34,11 @@ def test_accuracy_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
 
 def test_speed_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
     md, js = tmp_path / "speed.md", tmp_path / "speed.json"
+    profile = tmp_path / "breakdown.md"
+    profile.write_text("# Profile: where the time goes\n\n| variant | img/s |\n\n## File → prediction\n")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/speed.py"), "--data", str(tiny_data), "--repeats",
                            "1", "--epochs", "1", "--latency-n", "5", "--keras-python", str(tmp_path / "no-keras"),
-                           "--out", str(md), "--json", str(js)],
+                           "--out", str(md), "--json", str(js), "--profile", str(profile)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(js.read_text())["summary"][str(tiny_data)]
@@ -44,3 +46,4 @@ def test_speed_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
     assert summary["catdog_onnx_predict_img_per_s"]["median"] > 0 and summary["catdog_torch_p99_ms"]["median"] > 0
     assert summary["catdog_torch_cached_img_per_s"]["median"] > 0
     assert "| training img/s |" in md.read_text() and "| same files again (decode cache), ONNX Runtime |" in md.read_text()
+    assert md.read_text().rstrip().endswith("| variant | img/s |\n\n### File → prediction")
