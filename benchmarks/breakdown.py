@@ -22,6 +22,7 @@ from catdog import fileio  # noqa: E402
 from catdog.augment import augment_batch, to_tensor  # noqa: E402
 from catdog.data import decode_files, scan_folder, split_dir  # noqa: E402
 from catdog.model import build_model, predict_probs  # noqa: E402
+from catdog.predict import Classifier  # noqa: E402
 
 STAGES = ("batch", "augment", "forward", "backward", "step")
 
@@ -96,9 +97,10 @@ def _with_forward(images: np.ndarray, decode_s: float) -> dict:
     """Time the seed network's forward pass over decoded images; with the decoding time, the img/s of both."""
     torch.manual_seed(0)
     model = build_model("seed", images.shape[1]).eval()
-    predict_probs(model, images[:64])  # warm-up
+    batch = Classifier.batch_size  # as `catdog predict` runs it
+    predict_probs(model, images[:batch], batch_size=batch)  # warm-up
     t0 = time.perf_counter()
-    predict_probs(model, images)
+    predict_probs(model, images, batch_size=batch)
     forward_s = time.perf_counter() - t0
     return {"decode_s": decode_s, "forward_s": forward_s, "img_per_s": len(images) / (decode_s + forward_s)}
 
