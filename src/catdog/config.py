@@ -25,10 +25,10 @@ RECIPES: dict[str, dict] = {
     "seed": dict(epochs=25, batch_size=32, lr=1e-3, weight_decay=0.0, optimizer="adam", schedule="constant",
                  image_size=64, label_smoothing=0.0, shear=0.2, zoom=0.2, crop=0.0, jitter=0.0, erase=0.0, mix=0.0,
                  ema=0.0, tta=False, bf16=False),
-    # The default from-scratch recipe, chosen on validation accuracy (benchmarks/accuracy.md): 128 px input,
+    # The default from-scratch recipe, chosen on validation accuracy (benchmarks/accuracy.md): 96 px input,
     # random-resized crop + flip + colour jitter + mixup/cutmix, AdamW with a one-cycle schedule, bf16 autocast.
-    "resnet": dict(epochs=100, batch_size=64, lr=3e-3, weight_decay=5e-2, optimizer="adamw", schedule="onecycle",
-                   image_size=128, label_smoothing=0.1, shear=0.0, zoom=0.0, crop=0.35, jitter=0.2, erase=0.0,
+    "resnet": dict(epochs=200, batch_size=64, lr=3e-3, weight_decay=5e-2, optimizer="adamw", schedule="onecycle",
+                   image_size=96, label_smoothing=0.1, shear=0.0, zoom=0.0, crop=0.35, jitter=0.2, erase=0.0,
                    mix=0.3, ema=0.0, tta=True, bf16=True),
 }
 
@@ -38,8 +38,8 @@ class TrainConfig:
     data: str = field(default_factory=lambda: str(default_data_dir()))  # dataset root (DIR/<class>/ or DIR/train/<class>/)
     out: str = "runs/train"  # run folder
     model: str = "resnet"  # network: "resnet" (default) or "seed" (the seed's exact CNN)
-    epochs: int = 100  # passes over the training split
-    image_size: int = 128  # images are resized to image_size x image_size
+    epochs: int = 200  # passes over the training split
+    image_size: int = 96  # images are resized to image_size x image_size
     batch_size: int = 64  # images per optimisation step
     lr: float = 3e-3  # peak learning rate
     weight_decay: float = 5e-2  # decoupled (AdamW) or L2 (Adam) weight decay
