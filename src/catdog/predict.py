@@ -351,8 +351,7 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
         writer = RowWriter(f, fmt, clf.classes, with_cam=cam_dir is not None)
         bar = tqdm(unit="img", desc="predict", file=sys.stderr, disable=None if progress else True, leave=False)
         store = DecodeStore(clf.image_size, clf.max_pixels) if cache else None
-        rows = predict_stream(clf, iter_inputs(inputs), chunk=chunk, cams=cam_dir is not None, store=store)
-        for row in rows:
+        for row in predict_stream(clf, iter_inputs(inputs), chunk=chunk, cams=cam_dir is not None, store=store):
             counts[row["error"] is not None] += 1
             if "cam_map" in row:
                 stem = re.sub(r"[^\w.-]+", "_", Path(row["path"]).stem)[:80]
