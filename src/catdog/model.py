@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = build_model(ckpt["model"], ckpt["image_size"])
+    model = build_model(ckpt["model"], ckpt.get("train_size", ckpt["image_size"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval().to(device)
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state_dict", "optimizer", "scheduler", "ema")}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from catdog import fileio, plots
+from catdog.config import eval_size
 from catdog.train import RunError
 
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "layercam": "LayerCAM", "scorecam": "Score-CAM",
@@ -239,7 +240,10 @@ def render_report(run: str | Path) -> str:
         cards.append((str(len(history)), "epochs trained"))
     card_html = "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in cards)
     epochs = cfg.get("epochs", "?")
-    subtitle = f"model {cfg.get('model', '?')} · {cfg.get('image_size', '?')} px · {epochs} epoch{'' if epochs == 1 else 's'}"
+    size = f"{cfg.get('image_size', '?')} px"
+    if cfg.get("eval_scale", 1) != 1 and isinstance(cfg.get("image_size"), int):
+        size += f" (evaluated at {eval_size(cfg['image_size'], cfg['eval_scale'])} px)"
+    subtitle = f"model {cfg.get('model', '?')} · {size} · {epochs} epoch{'' if epochs == 1 else 's'}"
 
     sections = []
     if m:

@@ -156,6 +156,17 @@ def write_skipped(path: Path, skipped: list[dict]) -> None:
     fileio.write_text(path, buf.getvalue())
 
 
+def eval_images(root: Path, cfg: TrainConfig, paths: list[str], progress: bool) -> np.ndarray:
+    """The given files of the training folder, decoded at cfg.eval_size, in the order given."""
+    full = load_folder(root, cfg.eval_size, workers=cfg.workers, progress=progress)
+    where = {p: i for i, p in enumerate(full.paths)}
+    missing = [p for p in paths if p not in where]
+    if missing:
+        raise RunError(f"{len(missing)} validation image(s) could not be decoded at {cfg.eval_size} px, "
+                       f"e.g. {missing[0]}")
+    return full.images[[where[p] for p in paths]]
+
+
 def dataset_summary(train: ImageSet, tr_idx: np.ndarray, val_idx: np.ndarray, root: str) -> dict:
     """Counts per class and split, and the skipped files, as written to data.json."""
     counts = lambda idx: {c: int((train.labels[idx] == i).sum()) for i, c in enumerate(train.classes)}
@@ -201,6 +212,9 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     tr_idx, val_idx = split_indices(data.labels, cfg.val_fraction, cfg.seed)
     x_train, y_train = torch.from_numpy(data.images[tr_idx]), torch.from_numpy(data.labels[tr_idx])
     x_val, y_val = data.images[val_idx], torch.from_numpy(data.labels[val_idx])
+    if cfg.eval_size != cfg.image_size and len(val_idx) and ranks.main:
+        # validation sees what inference will: the same files, decoded at the evaluation size
+        x_val = eval_images(train_root, cfg, [data.paths[i] for i in val_idx], progress)
     log(f"data: {len(tr_idx)} train / {len(val_idx)} val images, classes {data.classes}; {skip_summary(data.skipped)}")
 
     # 3) model, optimiser and schedule, all seeded; with several processes DDP averages their gradients.
@@ -248,8 +262,10 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             log(f"note: the run was trained with {last.get('world_size', 1)} process(es), it goes on with "
                 f"{ranks.world}: it continues, but not bit for bit as it would have")
 
-    meta = {"model": cfg.model, "image_size": cfg.image_size, "classes": data.classes, "tta": cfg.tta,
-            "config": dataclasses.asdict(cfg)}
+    # image_size is the input size at inference (validation, evaluate, predict, export); the network is built
+    # for train_size (the resnet's stem stride depends on it)
+    meta = {"model": cfg.model, "image_size": cfg.eval_size, "train_size": cfg.image_size, "classes": data.classes,
+            "tta": cfg.tta, "config": dataclasses.asdict(cfg)}
 
     def save_last(epoch: int, weights: dict, samples: int) -> None:
         fileio.torch_save({**weights, "train_state_dict": model.state_dict(), "optimizer": opt.state_dict(),
