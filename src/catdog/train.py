@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from catdog import distributed, fileio
+from catdog import distributed, fileio, malloc
 from catdog.augment import augment_batch, mix_batch, to_tensor
 from catdog.config import TrainConfig
 from catdog.data import ImageSet, load_folder, skip_summary, split_dir, split_indices
@@ -193,6 +193,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
          exist_ok: bool, progress: bool, log) -> dict:
     out = Path(cfg.out)
     torch.set_num_threads(distributed.threads_per_rank(cfg.threads, ranks))
+    malloc.keep_freed_memory()  # up to a quarter faster per epoch on CPU (catdog/malloc.py)
     amp = autocast_dtype(device, cfg.bf16)  # None: full float32
 
     # 1) rank 0 claims the run folder: a lock held to the end, so a concurrent run into it refuses
