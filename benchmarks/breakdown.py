@@ -72,6 +72,31 @@ def profile_epochs(images: np.ndarray, labels: np.ndarray, bf16: bool, channels_
     return {"img_per_s": epochs * len(x_all) / total, **{k: v / total for k, v in t.items()}}
 
 
+FIT_CHILD = """
+import json, sys, tempfile, time
+import catdog.malloc as m
+if sys.argv[2] == "default":
+    m._applied = False  # fit() then leaves glibc's thresholds as they are
+from catdog.config import TrainConfig
+from catdog.train import fit
+with tempfile.TemporaryDirectory() as tmp:
+    cfg = TrainConfig.for_model("seed", data=sys.argv[1], out=tmp, epochs=int(sys.argv[3]), val_fraction=0.0)
+    h = fit(cfg, exist_ok=True, progress=False, log=lambda s: None)["history"]
+print(json.dumps(sorted(r["epoch_s"] for r in h[1:])))
+"""
+
+
+def profile_fit(data: Path, malloc: str, epochs: int) -> float:
+    """Median epoch time (after the first) of `catdog train --model seed` in a fresh process, bf16 as its recipe."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", FIT_CHILD, str(data), malloc, str(epochs)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout
+    times = json.loads(out.splitlines()[-1])
+    return times[len(times) // 2]
+
+
 def profile_predict(paths: list[str], size: int, workers: int, draft: bool) -> dict:
     """Decode (with or without JPEG draft mode, in `workers` processes) then predict; seconds for each."""
     import catdog.data as D
@@ -155,6 +180,23 @@ def main() -> None:
         r = runs[len(runs) // 2]  # the median run
         lines.append(f"| {name} | {r['img_per_s']:.0f} ({runs[0]['img_per_s']:.0f}–{runs[-1]['img_per_s']:.0f}) | "
                      + " | ".join(f"{r[k]:.0%}" for k in STAGES) + " |")
+        print(lines[-1], flush=True)
+
+    lines += ["\n## An epoch inside `catdog train` (seed network, all training images, checkpoint each epoch)\n",
+              "Each run is a fresh process training 6 epochs; seconds per epoch are the median over epochs 2-6 of "
+              f"each run, then the median (min–max) over {args.repeats} runs, alternating the two settings. "
+              "glibc's defaults return freed memory to the system, so each step faults its buffers in again "
+              "(`catdog/malloc.py`).\n",
+              "| malloc thresholds | s per epoch | img/s |", "| --- | --- | --- |"]
+    fits = {"default": [], "raised": []}
+    for _ in range(args.repeats):
+        for kind in fits:
+            fits[kind].append(profile_fit(args.data, kind, 6))
+    for kind, times in fits.items():
+        times.sort()
+        med = times[len(times) // 2]
+        lines.append(f"| {'glibc default' if kind == 'default' else 'raised (catdog train)'} | {med:.2f} "
+                     f"({times[0]:.2f}–{times[-1]:.2f}) | {len(images) / med:.0f} |")
         print(lines[-1], flush=True)
 
     _, test_items = scan_folder(split_dir(args.data, "test"))

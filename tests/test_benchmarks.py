@@ -47,3 +47,15 @@ def test_speed_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
     assert summary["catdog_torch_cached_img_per_s"]["median"] > 0
     assert "| training img/s |" in md.read_text() and "| same files again (decode cache), ONNX Runtime |" in md.read_text()
     assert md.read_text().rstrip().endswith("| variant | img/s |\n\n### File → prediction")
+
+
+def test_breakdown_runs_on_a_tiny_set(tiny_data, tmp_path):
+    out = tmp_path / "breakdown.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/breakdown.py"), "--data", str(tiny_data), "--epochs",
+                           "1", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    for row in ("| fp32, NCHW, batch 32 (the plain PyTorch loop) |", "| glibc default |", "| raised (catdog train) |",
+                "| decode cache hit"):
+        assert row in text
