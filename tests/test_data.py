@@ -130,6 +130,21 @@ def test_cache_is_reused(tiny_data, monkeypatch, tmp_path):
     assert np.array_equal(first.images, second.images) and first.paths == second.paths
 
 
+def test_a_cached_set_reached_by_another_path_keeps_its_own_paths(odd_folder, monkeypatch, tmp_path):
+    import shutil
+
+    first = D.load_folder(odd_folder, 16, cache=tmp_path / "cache", workers=1)
+    moved = shutil.copytree(odd_folder, tmp_path / "moved", copy_function=shutil.copy2)  # same names, sizes, mtimes
+    monkeypatch.setattr(D, "decode_files", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+    second = D.load_folder(moved, 16, cache=tmp_path / "cache")
+    assert np.array_equal(first.images, second.images) and len(second.paths) == len(first.paths)
+    assert all(p.startswith(str(moved)) and Path(p).is_file() for p in second.paths)
+    assert [Path(p).relative_to(moved) for p in second.paths] == [Path(p).relative_to(odd_folder) for p in first.paths]
+    assert first.skipped and [Path(s["path"]).relative_to(moved) for s in second.skipped] == [
+        Path(s["path"]).relative_to(odd_folder) for s in first.skipped]
+    assert [s["reason"] for s in second.skipped] == [s["reason"] for s in first.skipped]
+
+
 def test_parallel_decode_equals_serial(tiny_data):
     serial = D.load_folder(tiny_data / "train", 16, cache=False, workers=1)
     parallel = D.load_folder(tiny_data / "train", 16, cache=False, workers=2)

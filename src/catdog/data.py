@@ -209,9 +209,13 @@ def load_folder(root: str | Path, image_size: int = 64, cache: bool | str | Path
             try:
                 with np.load(cache_file, allow_pickle=False) as z:
                     meta = json.loads(str(z["meta"]))
-                    return ImageSet(z["images"], z["labels"], meta["paths"], meta["classes"], meta["skipped"])
+                    # the key matched the same files in the same order (relative to the root): the paths are
+                    # those of this scan, so a set reached by another path or moved keeps its own paths
+                    paths = [items[i][0] for i in meta["keep"]]
+                    skipped = [{"path": items[i][0], "reason": r} for i, r in meta["skipped_at"]]
+                    return ImageSet(z["images"], z["labels"], paths, meta["classes"], skipped)
             except Exception:
-                pass  # a damaged cache is rebuilt
+                pass  # a damaged cache (or one written by an older version) is rebuilt
     paths = [p for p, _ in items]
     arrays, reasons = decode_files(paths, image_size, workers, max_pixels, progress)
     keep = [i for i, a in enumerate(arrays) if a is not None]
@@ -221,7 +225,8 @@ def load_folder(root: str | Path, image_size: int = 64, cache: bool | str | Path
     data = ImageSet(images, labels, [paths[i] for i in keep], classes, skipped)
     if cache_file is not None:
         try:
-            meta = json.dumps({"paths": data.paths, "classes": classes, "skipped": skipped})
+            meta = json.dumps({"keep": keep, "skipped_at": [[i, reasons[i]] for i, a in enumerate(arrays) if a is None],
+                               "classes": classes})
             with fileio.atomic_open(cache_file, "wb") as f:
                 np.savez(f, images=images, labels=labels, meta=np.array(meta))
         except OSError:
