@@ -80,14 +80,15 @@ if sys.argv[2] == "default":
 from catdog.config import TrainConfig
 from catdog.train import fit
 with tempfile.TemporaryDirectory() as tmp:
-    cfg = TrainConfig.for_model("seed", data=sys.argv[1], out=tmp, epochs=int(sys.argv[3]), val_fraction=0.0)
+    cfg = TrainConfig.for_model("seed", data=sys.argv[1], out=tmp, epochs=int(sys.argv[3]), val_fraction=0.0,
+                                bf16=True)  # as speed.py trains it
     h = fit(cfg, exist_ok=True, progress=False, log=lambda s: None)["history"]
 print(json.dumps(sorted(r["epoch_s"] for r in h[1:])))
 """
 
 
 def profile_fit(data: Path, malloc: str, epochs: int) -> float:
-    """Median epoch time (after the first) of `catdog train --model seed` in a fresh process, bf16 as its recipe."""
+    """Median epoch time (after the first) of `catdog train --model seed --bf16` in a fresh process."""
     import json
     import subprocess
 
@@ -182,7 +183,7 @@ def main() -> None:
                      + " | ".join(f"{r[k]:.0%}" for k in STAGES) + " |")
         print(lines[-1], flush=True)
 
-    lines += ["\n## An epoch inside `catdog train` (seed network, all training images, checkpoint each epoch)\n",
+    lines += ["\n## An epoch inside `catdog train` (seed network, bf16, all training images, checkpoint each epoch)\n",
               "Each run is a fresh process training 6 epochs; seconds per epoch are the median over epochs 2-6 of "
               f"each run, then the median (min–max) over {args.repeats} runs, alternating the two settings. "
               "glibc's defaults return freed memory to the system, so each step faults its buffers in again "

@@ -8,7 +8,7 @@ import torch
 from catdog.config import TrainConfig, eval_size
 from catdog.data import decode_image, load_folder, split_indices
 from catdog.model import load_checkpoint, predict_probs
-from catdog.train import fit
+from catdog.train import bce, fit
 
 
 @pytest.mark.parametrize("size, scale, expected", [(96, 1.0, 96), (96, 1.17, 112), (96, 1.25, 120), (32, 1.25, 40),
@@ -40,10 +40,37 @@ def test_validation_and_checkpoint_use_the_evaluation_size(scaled_run, tiny_data
     # the recorded validation accuracy is that of the validation images decoded at 40 px, not 32
     train = load_folder(tiny_data / "train", 40, cache=False, workers=1)
     _, val_idx = split_indices(train.labels, cfg.val_fraction, cfg.seed)
+    y = torch.from_numpy(train.labels[val_idx])
     probs = predict_probs(model, train.images[val_idx], tta=True, bf16=cfg.bf16)
-    acc = float(((probs > 0.5).long() == torch.from_numpy(train.labels[val_idx])).float().mean())
     best = max(summary["history"], key=lambda r: (r["val_acc"], -r["val_loss"]))
-    assert meta["epoch"] == best["epoch"] and acc == pytest.approx(best["val_acc"], abs=1e-4)
+    assert meta["epoch"] == best["epoch"]
+    assert bce(probs, y) == pytest.approx(best["val_loss"], abs=2e-5)  # a loss tells the two sizes apart
+    small = load_folder(tiny_data / "train", 32, cache=False, workers=1)
+    at_32 = bce(predict_probs(model, small.images[val_idx], tta=True, bf16=cfg.bf16), y)
+    assert at_32 != pytest.approx(best["val_loss"], abs=2e-5)
+
+
+@pytest.mark.parametrize("model", ["seed", "resnet"])
+def test_a_run_made_before_eval_scale_resumes_at_its_own_size(tiny_data, tmp_path, model):
+    import json
+
+    out = tmp_path / "old"
+
+    def stop_after_epoch_1(line):
+        if line.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(TrainConfig.for_model(model, data=str(tiny_data), out=str(out), epochs=2, image_size=32, batch_size=8,
+                                  eval_scale=1.0, workers=1, threads=1), progress=False, log=stop_after_epoch_1)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["eval_scale"]  # as config.json was written before the field existed
+    (out / "config.json").write_text(json.dumps(cfg))
+    resumed = TrainConfig.load(out / "config.json")
+    assert resumed.eval_scale == 1.0
+    fit(resumed, resume=True, progress=False, log=lambda m: None)
+    _, meta = load_checkpoint(out / "last.pt")
+    assert meta["epoch"] == 2 and meta["image_size"] == 32
 
 
 def test_a_64px_model_evaluated_above_64px_keeps_its_stem(tiny_data, tmp_path):
@@ -66,6 +93,10 @@ def test_predict_export_and_cams_work_at_the_evaluation_size(scaled_run, tiny_da
     assert torch_clf.image_size == 40
     info = export_onnx(out, tmp_path / "m.onnx")
     assert info["image_size"] == 40
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert props["image_size"] == "40" and props["train_size"] == "32"
     onnx_clf = Classifier.load(tmp_path / "m.onnx")
     a = np.array([p.probabilities["dogs"] for p in torch_clf.predict(files)])
     b = np.array([p.probabilities["dogs"] for p in onnx_clf.predict(files)])

@@ -120,7 +120,9 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+        fields = {k: v for k, v in json.loads(text).items() if k in known}
+        fields.setdefault("eval_scale", 1.0)  # runs made before eval_scale existed validated at their image size
+        return cls(**fields)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -17,7 +17,7 @@ from catdog import fileio
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 50_000_000  # images larger than this are refused unread (decompression bombs)
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when decoding changes, so old caches are not reused
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear reason

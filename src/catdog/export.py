@@ -75,7 +75,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, atol: float = AT
     props = {"classes": json.dumps(meta["classes"]), "image_size": str(size), "input": INPUT_DOC,
              "scale": "uint8 RGB / 255, NCHW", "output": "(batch, 2) probabilities, ordered as classes",
              "tta": "true" if tta else "false", "model": meta["model"], "source": str(ckpt),
-             "verified_atol": f"{atol:g}"}
+             "verified_atol": f"{atol:g}", "train_size": str(meta.get("train_size", size))}
     for k, v in props.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     proto.doc_string = f"catdog {meta['model']} classifier {meta['classes']}; input {INPUT_DOC}"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from catdog import distributed, fileio, malloc
 from catdog.augment import augment_batch, mix_batch, to_tensor
 from catdog.config import TrainConfig
-from catdog.data import ImageSet, load_folder, skip_summary, split_dir, split_indices
+from catdog.data import ImageSet, decode_files, load_folder, skip_summary, split_dir, split_indices
 from catdog.model import build_model, predict_probs
 
 try:
@@ -156,15 +156,14 @@ def write_skipped(path: Path, skipped: list[dict]) -> None:
     fileio.write_text(path, buf.getvalue())
 
 
-def eval_images(root: Path, cfg: TrainConfig, paths: list[str], progress: bool) -> np.ndarray:
-    """The given files of the training folder, decoded at cfg.eval_size, in the order given."""
-    full = load_folder(root, cfg.eval_size, workers=cfg.workers, progress=progress)
-    where = {p: i for i, p in enumerate(full.paths)}
-    missing = [p for p in paths if p not in where]
-    if missing:
-        raise RunError(f"{len(missing)} validation image(s) could not be decoded at {cfg.eval_size} px, "
-                       f"e.g. {missing[0]}")
-    return full.images[[where[p] for p in paths]]
+def eval_images(cfg: TrainConfig, paths: list[str]) -> np.ndarray:
+    """The given files (decoded once already, at the training size) decoded at cfg.eval_size, in the order given."""
+    arrays, reasons = decode_files(paths, cfg.eval_size, workers=cfg.workers)
+    failed = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if failed:  # changed on disk since the first decode
+        raise RunError(f"{len(failed)} validation image(s) could not be decoded at {cfg.eval_size} px: "
+                       f"{failed[0][0]} ({failed[0][1]})")
+    return np.stack(arrays)
 
 
 def dataset_summary(train: ImageSet, tr_idx: np.ndarray, val_idx: np.ndarray, root: str) -> dict:
@@ -215,7 +214,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     x_val, y_val = data.images[val_idx], torch.from_numpy(data.labels[val_idx])
     if cfg.eval_size != cfg.image_size and len(val_idx) and ranks.main:
         # validation sees what inference will: the same files, decoded at the evaluation size
-        x_val = eval_images(train_root, cfg, [data.paths[i] for i in val_idx], progress)
+        x_val = eval_images(cfg, [data.paths[i] for i in val_idx])
     log(f"data: {len(tr_idx)} train / {len(val_idx)} val images, classes {data.classes}; {skip_summary(data.skipped)}")
 
     # 3) model, optimiser and schedule, all seeded; with several processes DDP averages their gradients.
