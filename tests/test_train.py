@@ -72,3 +72,19 @@ def test_an_existing_run_is_not_overwritten(tiny_data, tmp_path):
 def test_learns_the_tiny_set(tiny_data, tmp_path):
     summary = fit(_cfg(tiny_data, tmp_path / "run", epochs=6, lr=3e-3), progress=False, log=lambda m: None)
     assert summary["history"][-1]["val_acc"] >= 0.75
+
+
+def test_without_validation_best_is_the_last_epoch_written_at_the_end(tiny_data, tmp_path):
+    out = tmp_path / "run"
+
+    def stop_after_epoch_1(line):
+        if line.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tiny_data, out, val_fraction=0.0), progress=False, log=stop_after_epoch_1)
+    assert (out / "last.pt").exists() and not (out / "best.pt").exists()
+    fit(_cfg(tiny_data, out, val_fraction=0.0), resume=True, progress=False, log=lambda m: None)
+    best, last = torch.load(out / "best.pt", weights_only=False), torch.load(out / "last.pt", weights_only=False)
+    assert best["epoch"] == last["epoch"] == 2
+    assert all(torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in best["state_dict"])

@@ -351,7 +351,9 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             if ranks.main:
                 with saving(out, f"its files are complete as of epoch {saved}; make room, then continue with: "
                                  f"catdog train --resume {out}"):
-                    if is_best:
+                    # without validation "best" is simply the latest epoch: best.pt is written once, at the end
+                    # (until then evaluate and predict read last.pt), instead of a second file every epoch
+                    if is_best and (len(val_idx) or epoch == cfg.epochs):
                         fileio.torch_save(weights, out / "best.pt")
                     save_last(epoch, weights, int(seen))
                     write_history(out / "history.csv", history)
