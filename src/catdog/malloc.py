@@ -2,8 +2,9 @@
 
 Every step allocates and frees the same few megabytes of activations and gradients. With glibc's defaults the
 larger blocks come from fresh mmap calls or from a heap that is trimmed after each step, so the next step
-page-faults the memory in again; depending on what the process did before, an epoch of the seed network took
-0.85-1.2 s instead of 0.75-0.8 s (benchmarks/breakdown.md). Raising both thresholds keeps those blocks in the heap.
+page-faults the memory in again: an epoch of the seed network (bf16, 2 cores) took 1.07 s (0.94-1.15 over three
+processes) instead of 0.78 s (0.70-0.80) (benchmarks/breakdown.md). Raising both thresholds keeps those blocks in
+the heap.
 The cost: up to the trim threshold of freed memory stays with the process instead of returning to the system.
 """
 from __future__ import annotations

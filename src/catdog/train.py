@@ -192,7 +192,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
          exist_ok: bool, progress: bool, log) -> dict:
     out = Path(cfg.out)
     torch.set_num_threads(distributed.threads_per_rank(cfg.threads, ranks))
-    malloc.keep_freed_memory()  # up to a quarter faster per epoch on CPU (catdog/malloc.py)
+    malloc.keep_freed_memory()  # about a quarter less time per seed-network epoch on CPU (catdog/malloc.py)
     amp = autocast_dtype(device, cfg.bf16)  # None: full float32
 
     # 1) rank 0 claims the run folder: a lock held to the end, so a concurrent run into it refuses
