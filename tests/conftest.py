@@ -84,8 +84,9 @@ def trained_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for model in ("seed", "resnet"):
         out = tmp_path_factory.mktemp(f"run-{model}")
+        # evaluated at the training size; tests/test_eval_size.py covers runs evaluated at a larger one
         cfg = TrainConfig.for_model(model, data=str(tiny_data), out=str(out), epochs=1, image_size=32, batch_size=8,
-                                    workers=1)
+                                    eval_scale=1.0, workers=1)
         fit(cfg, exist_ok=True, progress=False, log=lambda m: None)
         write_text(out / "results.json", json.dumps(evaluate(out)))
         runs[model] = out
