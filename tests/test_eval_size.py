@@ -106,3 +106,11 @@ def test_predict_export_and_cams_work_at_the_evaluation_size(scaled_run, tiny_da
     np.testing.assert_allclose(a, direct, atol=1e-5)
     written = explain_files(out, files[:2], tmp_path / "cams")
     assert len(written["written"]) == 2 and not written["failed"]
+
+
+def test_the_report_names_both_sizes(scaled_run, tiny_run):
+    from catdog.report import render_report
+
+    out, _, _ = scaled_run
+    assert "32 px (evaluated at 40 px)" in render_report(out)
+    assert "evaluated at" not in render_report(tiny_run)  # the seed model: one size
