@@ -108,7 +108,9 @@ def load_results(path: Path, recipe: dict) -> dict:
 def markdown(results: dict, command: str, notes: str) -> str:
     rows = [results["seeds"][k] for k in sorted(results["seeds"], key=int)]
     lines = ["# Accuracy of the default recipe\n",
-             f"Made by `{command}` on {os.cpu_count()} CPU cores. Model `resnet`, recipe: "
+             "Made by `python benchmarks/accuracy.py --seeds 0 1 2` (the per-seed table) and "
+             "`python benchmarks/accuracy.py --seeds --ablation ROW...` (ablation rows), which add to the same "
+             f"tables; the last invocation was `{command}`. {os.cpu_count()} CPU cores. Model `resnet`, recipe: "
              f"`{json.dumps(results['recipe'])}`.\n",
              "The checkpoint is chosen on the validation split (10 % of train); the test split (624 images) is "
              "evaluated once per seed.\n",
