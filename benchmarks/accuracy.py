@@ -120,11 +120,11 @@ def markdown(results: dict, command: str, notes: str) -> str:
              "| seed | image size | eval size | epochs | wall time (s) | val accuracy | test accuracy | test ROC AUC "
              "| val accuracy at the image size |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['seed']} | {r['image_size']} | {r.get('eval_size', r['image_size'])} | {r['epochs']} | "
-              f"{r['wall_s']:.0f} | {r['val_acc']:.3f} | {r['test_acc']:.4f} | {r['test_auc']:.4f} | "
-              f"{r['val_acc_at_train_size']:.3f} |" if "val_acc_at_train_size" in r else
-              f"| {r['seed']} | {r['image_size']} | {r['image_size']} | {r['epochs']} | {r['wall_s']:.0f} | "
-              f"{r['val_acc']:.3f} | {r['test_acc']:.4f} | {r['test_auc']:.4f} | = |" for r in rows]
+    for r in rows:  # without an evaluation size the last column would repeat the val accuracy: "="
+        at_train = f"{r['val_acc_at_train_size']:.3f}" if "val_acc_at_train_size" in r else "="
+        lines.append(f"| {r['seed']} | {r['image_size']} | {r.get('eval_size', r['image_size'])} | {r['epochs']} | "
+                     f"{r['wall_s']:.0f} | {r['val_acc']:.3f} | {r['test_acc']:.4f} | {r['test_auc']:.4f} | "
+                     f"{at_train} |")
     acc = [r["test_acc"] for r in rows]
     if len(acc) > 1:
         lines.append(f"\nTest accuracy: mean {statistics.mean(acc):.4f}, std {statistics.stdev(acc):.4f}, "
