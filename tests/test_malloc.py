@@ -1,4 +1,4 @@
-"""The malloc thresholds catdog raises before training (catdog/malloc.py)."""
+"""Process-wide CPU settings catdog makes for training: malloc thresholds (catdog/malloc.py), denormal flushing."""
 from __future__ import annotations
 
 import subprocess
@@ -32,3 +32,18 @@ def test_a_refused_setting_reports_false(monkeypatch):
     monkeypatch.setattr(m.ctypes, "CDLL", lambda name: FakeLibc())
     FakeLibc.mallopt.argtypes = FakeLibc.mallopt.restype = None
     assert m.keep_freed_memory() is False
+
+
+def test_training_flushes_denormals_and_restores_afterwards(tiny_data, tmp_path):
+    # a denormal float times one stays itself normally, and is read as zero while fit() runs
+    import torch
+
+    from catdog.config import TrainConfig
+    from catdog.train import fit
+
+    denormal = lambda: float(torch.tensor([1e-39], dtype=torch.float32) * 1.0)
+    seen = []
+    fit(TrainConfig.for_model("seed", data=str(tiny_data), out=str(tmp_path / "run"), epochs=1, image_size=32,
+                              workers=1, threads=1), progress=False, log=lambda s: seen.append(denormal()))
+    assert seen and all(v == 0.0 for v in seen)
+    assert denormal() > 0.0
