@@ -42,10 +42,11 @@ ABLATIONS: dict[str, dict] = {
     "with EMA of weights (decay 0.998)": {"ema": 0.998},
     "fp32 instead of bf16": {"bf16": False},
     "evaluated at the training size (eval_scale 1)": {"eval_scale": 1.0},
+    "no progressive resizing (180 epochs at 96 px)": {"progressive": 0.0, "epochs": 180},
 }
 NOTES_HEADING = "## How the recipe was chosen"
-RECIPE_KEYS = ("image_size", "eval_scale", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
-               "label_smoothing", "crop", "jitter", "erase", "mix", "ema", "tta", "bf16")
+RECIPE_KEYS = ("image_size", "eval_scale", "progressive", "epochs", "batch_size", "lr", "optimizer", "schedule",
+               "weight_decay", "label_smoothing", "crop", "jitter", "erase", "mix", "ema", "tta", "bf16")
 
 
 def train_one(overrides: dict, seed: int, data: str | None, test: bool) -> dict:

@@ -59,5 +59,6 @@ def test_breakdown_runs_on_a_tiny_set(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     for row in ("| fp32, NCHW, batch 32 (the plain PyTorch loop) |", "| glibc default |", "| raised (catdog train) |",
+                "| computed with (torch default) |", "| flushed to zero (catdog train) |",
                 "| decode cache hit"):
         assert row in text

@@ -71,10 +71,14 @@ def random_erase(x: Tensor, p: float, gen: torch.Generator, area: tuple[float, f
 
 
 def augment_batch(x: Tensor, gen: torch.Generator, shear: float = 0.2, zoom: float = 0.2, flip: bool = True,
-                  crop: float = 0.0, jitter: float = 0.0, erase: float = 0.0) -> Tensor:
-    """Augment a float batch (B, C, H, W) in [0, 1]; geometry uses reflection padding, as Keras' default."""
+                  crop: float = 0.0, jitter: float = 0.0, erase: float = 0.0, size: int | None = None) -> Tensor:
+    """Augment a float batch (B, C, H, W) in [0, 1]; geometry uses reflection padding, as Keras' default.
+
+    size: the output side (default H); the same geometric transform then also resizes the images.
+    """
     theta = affine_matrices(x.shape[0], gen, shear, zoom, flip, crop)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out_shape = list(x.shape) if size is None else [x.shape[0], x.shape[1], size, size]
+    grid = F.affine_grid(theta, out_shape, align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if jitter > 0:
         x = color_jitter(x, jitter, gen)

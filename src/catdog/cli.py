@@ -44,7 +44,7 @@ def _train(args) -> int:
     else:
         cfg = TrainConfig.for_model(
             args.model, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
-            eval_scale=args.eval_scale, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            eval_scale=args.eval_scale, progressive=args.progressive, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             val_fraction=args.val_fraction, threads=args.threads, workers=args.workers, bf16=args.bf16,
             device=args.device)
     if args.nproc is not None and args.nproc < 1:
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, help="training input size (default: the model's recipe)")
     t.add_argument("--eval-scale", type=float,
                    help="validate and predict at image-size x this (default: the model's recipe; 1 for seed)")
+    t.add_argument("--progressive", type=float,
+                   help="start training at image-size x this and grow to image-size (default: the model's recipe; "
+                        "0 = off)")
     t.add_argument("--batch-size", type=int,
                    help="global batch: images per step over all processes (each takes batch/nproc)")
     t.add_argument("--lr", type=float)

@@ -24,6 +24,10 @@ def default_data_dir() -> Path:
 # the train-test resolution discrepancy"). The factor was chosen on validation (benchmarks/accuracy.md).
 EVAL_SCALE = 1.15
 
+# Progressive resizing: early epochs train on smaller inputs, which cost less (compute grows with the area), and
+# the size reaches image_size at this share of the epochs, so the last ones train at the final size.
+PROGRESSIVE_RAMP = 0.85
+
 # Per-model training recipes; a command-line flag overrides any field.
 RECIPES: dict[str, dict] = {
     # The seed's recipe, as in seed_keras.py: Adam 1e-3, batch 32, 25 epochs, shear/zoom/flip.
@@ -66,6 +70,7 @@ class TrainConfig:
     ema: float = 0.0  # exponential moving average of weights (decay, 0 = off)
     tta: bool = True  # average predictions over the image and its horizontal flip
     eval_scale: float = EVAL_SCALE  # validation and inference input size = image_size x eval_scale (resnet only)
+    progressive: float = 0.0  # training input starts at this share of image_size and grows to it (0 = off)
     val_fraction: float = 0.1  # stratified share of train held out to choose the checkpoint
     seed: int = 0  # seeds the split, the shuffling, the augmentation and the weights
     threads: int = 0  # torch intra-op threads (0 = all cores)
@@ -96,6 +101,10 @@ class TrainConfig:
             raise ValueError("ema must be in [0, 1)")
         if not 0.5 <= self.eval_scale <= 2:
             raise ValueError("eval_scale must be between 0.5 and 2")
+        if self.progressive and not 0.25 <= self.progressive <= 1:
+            raise ValueError("progressive must be 0 (off) or between 0.25 and 1")
+        if self.model == "seed" and self.progressive not in (0, 1):
+            raise ValueError("the seed network's dense layer fixes its input size: it cannot train progressively")
         if self.model == "seed" and self.eval_size != self.image_size:
             raise ValueError("the seed network's dense layer fixes its input size: eval_scale must be 1 for it")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -105,6 +114,16 @@ class TrainConfig:
     def eval_size(self) -> int:
         """The input size for validation and inference: image_size x eval_scale, rounded to a multiple of 8."""
         return eval_size(self.image_size, self.eval_scale)
+
+    def train_size_at(self, epoch: int) -> int:
+        """The training input size of an epoch (1-based): with progressive resizing it grows linearly from
+        image_size x progressive to image_size over the first RAMP share of the epochs, in steps of 8 px."""
+        if not self.progressive or self.progressive == 1:
+            return self.image_size
+        start = self.image_size * self.progressive
+        ramp = max(1, round(PROGRESSIVE_RAMP * self.epochs) - 1)
+        size = start + (self.image_size - start) * min(1.0, (epoch - 1) / ramp)
+        return min(self.image_size, max(16, 8 * round(size / 8)))
 
     @classmethod
     def for_model(cls, model: str = "resnet", **overrides) -> "TrainConfig":

@@ -28,7 +28,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_s"]
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_size", "epoch_s"]
 
 
 class RunError(Exception):
@@ -306,12 +306,13 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
                 gen.manual_seed(distributed.rank_seed(cfg.seed, epoch, ranks.rank))
             torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, ranks.rank))
             net.train()
+            size = cfg.train_size_at(epoch)  # the image size, or smaller in early epochs with progressive resizing
             loss_sum, correct, seen = 0.0, 0, 0
             bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                        disable=not progress, leave=False)
             for i in bar:
                 idx, keep = order[i:i + batch], real[i:i + batch].to(device)
-                x = augment_batch(to_tensor(x_train[idx]), gen, **aug).to(device)  # (B, 3, S, S)
+                x = augment_batch(to_tensor(x_train[idx]), gen, **aug, size=size).to(device)  # (B, 3, S, S)
                 y = y_train[idx].float().to(device)
                 target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
                 if cfg.mix > 0 and torch.rand(1, generator=gen).item() < cfg.mix:
@@ -340,7 +341,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             # 5) validation, on rank 0, on the held-out part of train; it alone picks the best checkpoint
             scored = ema.module if ema is not None else model
             row = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 5),
-                   "val_loss": "", "val_acc": "", "lr": f"{opt.param_groups[0]['lr']:.3g}"}
+                   "val_loss": "", "val_acc": "", "lr": f"{opt.param_groups[0]['lr']:.3g}", "train_size": size}
             if ranks.main and len(val_idx):
                 probs = predict_probs(scored, x_val, tta=cfg.tta, device=device, bf16=amp is torch.bfloat16)
                 row["val_loss"] = round(bce(probs, y_val), 5)
