@@ -33,12 +33,13 @@ RECIPES: dict[str, dict] = {
     # The seed's recipe, as in seed_keras.py: Adam 1e-3, batch 32, 25 epochs, shear/zoom/flip.
     "seed": dict(epochs=25, batch_size=32, lr=1e-3, weight_decay=0.0, optimizer="adam", schedule="constant",
                  image_size=64, label_smoothing=0.0, shear=0.2, zoom=0.2, crop=0.0, jitter=0.0, erase=0.0, mix=0.0,
-                 ema=0.0, tta=False, bf16=False, eval_scale=1.0),
-    # The default from-scratch recipe, chosen on validation accuracy (benchmarks/accuracy.md): 96 px input,
-    # random-resized crop + flip + colour jitter + mixup/cutmix, AdamW with a one-cycle schedule, bf16 autocast.
-    "resnet": dict(epochs=180, batch_size=64, lr=3e-3, weight_decay=5e-2, optimizer="adamw", schedule="onecycle",
+                 ema=0.0, tta=False, bf16=False, eval_scale=1.0, progressive=0.0),
+    # The default from-scratch recipe, chosen on validation accuracy (benchmarks/accuracy.md): 96 px input
+    # (64 px at first, growing), random-resized crop + flip + colour jitter + mixup/cutmix, AdamW with a one-cycle
+    # schedule, bf16 autocast.
+    "resnet": dict(epochs=220, batch_size=64, lr=3e-3, weight_decay=5e-2, optimizer="adamw", schedule="onecycle",
                    image_size=96, label_smoothing=0.1, shear=0.0, zoom=0.0, crop=0.35, jitter=0.2, erase=0.0,
-                   mix=0.3, ema=0.0, tta=True, bf16=True, eval_scale=EVAL_SCALE),
+                   mix=0.3, ema=0.0, tta=True, bf16=True, eval_scale=EVAL_SCALE, progressive=0.67),
 }
 
 
@@ -52,7 +53,7 @@ class TrainConfig:
     data: str = field(default_factory=lambda: str(default_data_dir()))  # dataset root (DIR/<class>/ or DIR/train/<class>/)
     out: str = "runs/train"  # run folder
     model: str = "resnet"  # network: "resnet" (default) or "seed" (the seed's exact CNN)
-    epochs: int = 180  # passes over the training split
+    epochs: int = 220  # passes over the training split
     image_size: int = 96  # images are resized to image_size x image_size
     batch_size: int = 64  # images per optimisation step
     lr: float = 3e-3  # peak learning rate
@@ -70,7 +71,7 @@ class TrainConfig:
     ema: float = 0.0  # exponential moving average of weights (decay, 0 = off)
     tta: bool = True  # average predictions over the image and its horizontal flip
     eval_scale: float = EVAL_SCALE  # validation and inference input size = image_size x eval_scale (resnet only)
-    progressive: float = 0.0  # training input starts at this share of image_size and grows to it (0 = off)
+    progressive: float = 0.67  # training input starts at this share of image_size and grows to it (0 = off)
     val_fraction: float = 0.1  # stratified share of train held out to choose the checkpoint
     seed: int = 0  # seeds the split, the shuffling, the augmentation and the weights
     threads: int = 0  # torch intra-op threads (0 = all cores)
@@ -101,8 +102,8 @@ class TrainConfig:
             raise ValueError("ema must be in [0, 1)")
         if not 0.5 <= self.eval_scale <= 2:
             raise ValueError("eval_scale must be between 0.5 and 2")
-        if self.progressive and not 0.25 <= self.progressive <= 1:
-            raise ValueError("progressive must be 0 (off) or between 0.25 and 1")
+        if self.progressive and not 0.5 <= self.progressive <= 1:
+            raise ValueError("progressive must be 0 (off) or between 0.5 and 1")
         if self.model == "seed" and self.progressive not in (0, 1):
             raise ValueError("the seed network's dense layer fixes its input size: it cannot train progressively")
         if self.model == "seed" and self.eval_size != self.image_size:
@@ -117,12 +118,13 @@ class TrainConfig:
 
     def train_size_at(self, epoch: int) -> int:
         """The training input size of an epoch (1-based): with progressive resizing it grows linearly from
-        image_size x progressive to image_size over the first RAMP share of the epochs, in steps of 8 px."""
-        if not self.progressive or self.progressive == 1:
+        image_size x progressive to image_size over the first PROGRESSIVE_RAMP share of the epochs, in steps of 8 px
+        in between; from there on, and for a one-epoch run, it is image_size."""
+        ramp = round(PROGRESSIVE_RAMP * self.epochs) - 1
+        if not self.progressive or self.progressive == 1 or epoch - 1 >= ramp:
             return self.image_size
         start = self.image_size * self.progressive
-        ramp = max(1, round(PROGRESSIVE_RAMP * self.epochs) - 1)
-        size = start + (self.image_size - start) * min(1.0, (epoch - 1) / ramp)
+        size = start + (self.image_size - start) * (epoch - 1) / ramp
         return min(self.image_size, max(16, 8 * round(size / 8)))
 
     @classmethod
@@ -141,6 +143,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in json.loads(text).items() if k in known}
         fields.setdefault("eval_scale", 1.0)  # runs made before eval_scale existed validated at their image size
+        fields.setdefault("progressive", 0.0)  # and trained at their image size throughout
         return cls(**fields)
 
     @classmethod

@@ -257,7 +257,7 @@ def render_report(run: str | Path) -> str:
     if "curves.png" in figures:
         table = _table(["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "train px", "seconds"],
                        [[r["epoch"], r["train_loss"], r["train_acc"], r["val_loss"] or "–", r["val_acc"] or "–",
-                         r["lr"], r.get("train_size") or "–", r["epoch_s"]] for r in history])
+                         r["lr"], r.get("input_px") or "–", r["epoch_s"]] for r in history])
         sections.append(("curves", "Training curves", f"<p class='note'>{_e(figures['curves.png'][1])}</p>"
                          + _img(plot_dir / "curves.png", "training curves", 1000)
                          + f"<details><summary>history.csv</summary>{table}</details>"))

@@ -28,7 +28,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_size", "epoch_s"]
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "input_px", "epoch_s"]
 
 
 class RunError(Exception):
@@ -188,12 +188,11 @@ def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress
         # Adam's first moment of a weight whose gradient is zero (behind a dead ReLU) shrinks by beta1 every
         # step and, after about 700 steps, becomes a denormal float, which the CPU handles in slow microcode:
         # seed-network epochs went from 0.75 to 0.95 s after epoch 11, when 440,000 of its 800,000 dense-layer
-        # moments were denormal. Flushing them to zero, during training only, keeps the later epochs as fast.
+        # moments were denormal. Flushing them to zero keeps the later epochs as fast. The setting is per thread
+        # and new threads inherit it, so it is made before training starts its thread pool and kept for the rest
+        # of the process (values under 1.2e-38 read as zero, as malloc.py's setting also stays).
         torch.set_flush_denormal(True)
-        try:
-            return _fit(cfg, ranks, device, held, resume, exist_ok, progress, log)
-        finally:
-            torch.set_flush_denormal(False)
+        return _fit(cfg, ranks, device, held, resume, exist_ok, progress, log)
 
 
 def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextlib.ExitStack, resume: bool,
@@ -341,7 +340,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             # 5) validation, on rank 0, on the held-out part of train; it alone picks the best checkpoint
             scored = ema.module if ema is not None else model
             row = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 5),
-                   "val_loss": "", "val_acc": "", "lr": f"{opt.param_groups[0]['lr']:.3g}", "train_size": size}
+                   "val_loss": "", "val_acc": "", "lr": f"{opt.param_groups[0]['lr']:.3g}", "input_px": size}
             if ranks.main and len(val_idx):
                 probs = predict_probs(scored, x_val, tta=cfg.tta, device=device, bf16=amp is torch.bfloat16)
                 row["val_loss"] = round(bce(probs, y_val), 5)
