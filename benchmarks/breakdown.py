@@ -106,7 +106,7 @@ def median(values: list[float]) -> float:
 
 
 def spread(values: list[float], digits: int = 2) -> str:
-    """median (min–max)"""
+    """median (min–max); the median of an even count is the upper of the two middle values"""
     return f"{median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
@@ -222,8 +222,8 @@ def main() -> None:
         for kind in runs:
             runs[kind].append(profile_fit(args.data, kind, 25))
     for kind, hs in runs.items():
-        lines.append(f"| {'computed with (torch default)' if kind == 'keep-denormals' else 'flushed to zero (catdog train)'} "
-                     f"| {spread([median(h[1:10]) for h in hs])} | {spread([median(h[11:]) for h in hs])} "
+        name = "computed with (torch default)" if kind == "keep-denormals" else "flushed to zero (catdog train)"
+        lines.append(f"| {name} | {spread([median(h[1:10]) for h in hs])} | {spread([median(h[11:]) for h in hs])} "
                      f"| {spread([sum(h) for h in hs], 1)} |")
         print(lines[-1], flush=True)
 

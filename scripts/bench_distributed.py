@@ -20,7 +20,8 @@ def train(data: str, out: Path, nproc: int, args) -> dict:
     size throughout (no progressive resizing)."""
     cmd = [sys.executable, "-m", "catdog", "train", *([data] if data else []), "--out", str(out), "--model", args.model,
            "--epochs", str(args.epochs), "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--seed", "0", *(["--progressive", "0"] if args.model == "resnet" else []), "--no-eval", "--no-progress", "--exist-ok", "--nproc", str(nproc),
+           "--seed", "0", *(["--progressive", "0"] if args.model == "resnet" else []), "--no-eval", "--no-progress",
+           "--exist-ok", "--nproc", str(nproc),
            *(["--threads", str(args.threads)] if args.threads else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
