@@ -49,6 +49,12 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("tiny"))
 
 
+def stop_after_epoch_1(line: str) -> None:
+    """A fit() log function that interrupts training, as Ctrl-C would, once epoch 1 is logged (and saved)."""
+    if line.startswith("epoch 1/"):
+        raise KeyboardInterrupt
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m catdog ARGS` as a user would, with stdin closed."""
     full_env = {**os.environ, **(env or {})}

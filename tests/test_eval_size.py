@@ -9,6 +9,7 @@ from catdog.config import TrainConfig, eval_size
 from catdog.data import decode_image, load_folder, split_indices
 from catdog.model import load_checkpoint, predict_probs
 from catdog.train import bce, fit
+from conftest import stop_after_epoch_1
 
 
 @pytest.mark.parametrize("size, scale, expected", [(96, 1.0, 96), (96, 1.17, 112), (96, 1.25, 120), (32, 1.25, 40),
@@ -55,11 +56,6 @@ def test_a_run_made_before_eval_scale_resumes_at_its_own_size(tiny_data, tmp_pat
     import json
 
     out = tmp_path / "old"
-
-    def stop_after_epoch_1(line):
-        if line.startswith("epoch 1/"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         fit(TrainConfig.for_model(model, data=str(tiny_data), out=str(out), epochs=2, image_size=32, batch_size=8,
                                   eval_scale=1.0, workers=1, threads=1), progress=False, log=stop_after_epoch_1)

@@ -8,6 +8,7 @@ import torch
 
 from catdog.config import TrainConfig
 from catdog.train import RunError, fit
+from conftest import stop_after_epoch_1
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
@@ -46,13 +47,9 @@ def test_resume_continues_to_the_same_result(tiny_data, tmp_path, model):
     full = tmp_path / "full"
     fit(_cfg(tiny_data, full, model=model, epochs=3), progress=False, log=lambda m: None)
 
-    def interrupt_after_first_epoch(msg):
-        if msg.startswith("epoch 1/3"):
-            raise KeyboardInterrupt  # as Ctrl-C would, once epoch 1 is saved
-
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(tiny_data, part, model=model, epochs=3), progress=False, log=interrupt_after_first_epoch)
+        fit(_cfg(tiny_data, part, model=model, epochs=3), progress=False, log=stop_after_epoch_1)
     assert [r["epoch"] for r in csv.DictReader(open(part / "history.csv"))] == ["1"]
     fit(TrainConfig.load(part / "config.json"), resume=True, progress=False, log=lambda m: None)
     a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
@@ -76,11 +73,6 @@ def test_learns_the_tiny_set(tiny_data, tmp_path):
 
 def test_without_validation_best_is_the_last_epoch_written_at_the_end(tiny_data, tmp_path):
     out = tmp_path / "run"
-
-    def stop_after_epoch_1(line):
-        if line.startswith("epoch 1/"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         fit(_cfg(tiny_data, out, val_fraction=0.0), progress=False, log=stop_after_epoch_1)
     assert (out / "last.pt").exists() and not (out / "best.pt").exists()
