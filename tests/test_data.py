@@ -105,6 +105,40 @@ def test_jpeg_draft_mode_matches_full_decode(tmp_path):
     assert np.abs(fast - full).mean() < 6
 
 
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_plain_jpegs_skip_pillow_and_give_its_pixels(tmp_path, size):
+    rng = np.random.default_rng(size)
+    photo = Image.fromarray(np.kron(rng.integers(0, 255, (25, 33, 3)), np.ones((10, 10, 1))).astype(np.uint8))
+    photo = photo.resize((333, 250))
+    variants = {"420.jpg": dict(quality=80), "444.jpg": dict(quality=90, subsampling=0),
+                "progressive.jpg": dict(quality=85, progressive=True), "gray.jpg": dict(quality=85, mode="L"),
+                "small.jpg": dict(quality=85, box=(0, 0, 21, 13))}
+    for name, opts in variants.items():
+        img = photo.convert(opts.pop("mode", "RGB")).crop(opts.pop("box", (0, 0, 333, 250)))
+        path = tmp_path / name
+        img.save(path, **opts)
+        fast = D._decode_jpeg_scaled(path.read_bytes(), size, D.MAX_PIXELS)
+        assert fast is not None, f"{name} goes through libjpeg-turbo directly"
+        pillow = D.open_image(path, draft_size=size).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        assert np.array_equal(D.decode_image(path, size), np.asarray(pillow)), name
+        assert np.array_equal(D.decode_image(path.read_bytes(), size), np.asarray(pillow)), name
+
+
+def test_jpegs_the_fast_path_cannot_read_right_go_to_pillow(odd_folder, tmp_path):
+    d = odd_folder / "things"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _halves(40, 20).save(tmp_path / "rotated.jpg", exif=exif)
+    for path in (tmp_path / "rotated.jpg", d / "cmyk.jpg", d / "truncated.jpg", d / "notes.jpg"):
+        assert D._decode_jpeg_scaled(path.read_bytes(), 16, D.MAX_PIXELS) is None, path.name
+    big = io.BytesIO()
+    _halves(400, 200).save(big, "JPEG")
+    assert D._decode_jpeg_scaled(big.getvalue(), 16, 400 * 200) is not None
+    assert D._decode_jpeg_scaled(big.getvalue(), 16, 400 * 200 - 1) is None, "over the pixel limit: Pillow explains"
+    with pytest.raises(D.SkipImage, match="decompression bomb"):
+        D.decode_image(big.getvalue(), 16, max_pixels=400 * 200 - 1)
+
+
 def test_decode_accepts_bytes_and_refuses_empty_bytes():
     buf = io.BytesIO()
     _halves().save(buf, "PNG")
