@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from catdog import fileio  # noqa: E402
+from catdog import fileio, malloc  # noqa: E402
 from catdog.augment import augment_batch, to_tensor  # noqa: E402
 from catdog.data import decode_files, scan_folder, split_dir  # noqa: E402
 from catdog.model import build_model, predict_probs  # noqa: E402
@@ -101,26 +102,24 @@ def profile_fit(data: Path, setting: str, epochs: int) -> list[float]:
     return json.loads(out.splitlines()[-1])
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def spread(values: list[float], digits: int = 2) -> str:
-    """median (min–max); the median of an even count is the upper of the two middle values"""
+    """median (min–max)"""
     return f"{median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def profile_predict(paths: list[str], size: int, workers: int, draft: bool) -> dict:
-    """Decode (with or without JPEG draft mode, in `workers` processes) then predict; seconds for each."""
+def profile_predict(paths: list[str], size: int, workers: int, decoder: str) -> dict:
+    """Decode (in `workers` processes) then predict; seconds for each. decoder: "catdog" (decode_image: plain
+    JPEGs through simplejpeg), "pillow-draft" (Pillow with DCT scaling, as before simplejpeg) or "pillow-full"
+    (Pillow without DCT scaling: what a plain PIL open + resize costs)."""
     import catdog.data as D
+    from PIL import Image
 
     saved = D.decode_image
-    if not draft:  # the same decode without DCT scaling: what a plain PIL open + resize costs
-        def full(source, image_size, max_pixels=D.MAX_PIXELS):
-            img = D.open_image(source, max_pixels, draft_size=None)
-            from PIL import Image
-            return np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
-        D.decode_image = full
+    if decoder != "catdog":
+        def pillow(source, image_size, max_pixels=D.MAX_PIXELS):
+            img = D.open_image(source, max_pixels, draft_size=image_size if decoder == "pillow-draft" else None)
+            return np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+        D.decode_image = pillow
     try:
         t0 = time.perf_counter()
         arrays, _ = decode_files(paths, size, workers=workers)
@@ -132,15 +131,20 @@ def profile_predict(paths: list[str], size: int, workers: int, draft: bool) -> d
 
 
 def _with_forward(images: np.ndarray, decode_s: float) -> dict:
-    """Time the seed network's forward pass over decoded images; with the decoding time, the img/s of both."""
+    """Time the seed network's forward pass over decoded images, in float32 and in bf16 (`catdog predict --bf16`);
+    with the decoding time, the img/s of decoding then the float32 pass."""
     torch.manual_seed(0)
     model = build_model("seed", images.shape[1]).eval()
     batch = Classifier.batch_size  # as `catdog predict` runs it
-    predict_probs(model, images[:batch], batch_size=batch)  # warm-up
-    t0 = time.perf_counter()
-    predict_probs(model, images, batch_size=batch)
-    forward_s = time.perf_counter() - t0
-    return {"decode_s": decode_s, "forward_s": forward_s, "img_per_s": len(images) / (decode_s + forward_s)}
+    malloc.keep_freed_memory()  # as the PyTorch classifier does
+    times = {}
+    for bf16 in (False, True):
+        predict_probs(model, images[:batch], batch_size=batch, bf16=bf16)  # warm-up
+        t0 = time.perf_counter()
+        predict_probs(model, images, batch_size=batch, bf16=bf16)
+        times[bf16] = time.perf_counter() - t0
+    return {"decode_s": decode_s, "forward_s": times[False], "forward_bf16_s": times[True],
+            "img_per_s": len(images) / (decode_s + times[False])}
 
 
 def profile_cached(paths: list[str], size: int) -> dict:
@@ -229,17 +233,22 @@ def main() -> None:
 
     _, test_items = scan_folder(split_dir(args.data, "test"))
     paths = [p for p, _ in test_items]
-    lines += ["\n## File → prediction over the test folder\n", "| variant | decode (s) | forward (s) | img/s |",
-              "| --- | --- | --- | --- |"]
-    for name, kw in (("full JPEG decode, 1 process", dict(workers=1, draft=False)),
-                     ("draft-mode JPEG decode, 1 process", dict(workers=1, draft=True)),
-                     (f"draft-mode JPEG decode, {os.cpu_count()} processes", dict(workers=0, draft=True))):
+    lines += ["\n## File → prediction over the test folder\n",
+              "Decoding, then the seed network's forward pass (batches of 64, all cores) over the decoded images; "
+              "img/s counts decoding plus the float32 pass, one after the other.\n",
+              "| variant | decode (s) | forward (s) | forward, bf16 (s) | img/s |", "| --- | --- | --- | --- | --- |"]
+    for name, kw in (("Pillow, full JPEG decode, 1 process", dict(workers=1, decoder="pillow-full")),
+                     ("Pillow, draft mode (DCT scaling), 1 process", dict(workers=1, decoder="pillow-draft")),
+                     ("catdog: simplejpeg with DCT scaling, 1 process", dict(workers=1, decoder="catdog")),
+                     (f"catdog: simplejpeg with DCT scaling, {os.cpu_count()} processes",
+                      dict(workers=0, decoder="catdog"))):
         r = profile_predict(paths, 64, **kw)
-        lines.append(f"| {name} | {r['decode_s']:.2f} | {r['forward_s']:.2f} | {r['img_per_s']:.0f} |")
+        lines.append(f"| {name} | {r['decode_s']:.2f} | {r['forward_s']:.3f} | {r['forward_bf16_s']:.3f} | "
+                     f"{r['img_per_s']:.0f} |")
         print(lines[-1], flush=True)
     r = profile_cached(paths, 64)
     lines.append(f"| decode cache hit (`catdog predict` of files seen before) | {r['decode_s']:.2f} | "
-                 f"{r['forward_s']:.2f} | {r['img_per_s']:.0f} |")
+                 f"{r['forward_s']:.3f} | {r['forward_bf16_s']:.3f} | {r['img_per_s']:.0f} |")
     fileio.write_text(args.out, "\n".join(lines) + "\n")
 
 

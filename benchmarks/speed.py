@@ -73,16 +73,18 @@ def child_train(data: str, out: str, epochs: int, batch_size: int, bf16: bool, s
             "auc": res["roc_auc"], "loop_s": summary["train_s"], "import_s": t0 - t_imp}
 
 
-def child_predict(model: str, folder: str, engine: str, latency_n: int) -> dict:
+def child_predict(model: str, folder: str, engine: str, latency_n: int, bf16: bool) -> dict:
     """Files -> probabilities over a folder through `catdog predict`'s streaming path, twice: first with an empty
     decode cache (every file decoded, and stored), then as a later `catdog predict` of the same files would run,
-    reading the cache. Then single-image latency."""
+    reading the cache, as `catdog predict` runs; with bf16, PyTorch runs as
+    `catdog predict --bf16` does, and its probabilities are compared with float32's. Then single-image latency."""
     import numpy as np
 
     from catdog.predict import Classifier, iter_inputs, predict_stream
     from catdog.store import DecodeStore
 
-    clf = Classifier.load(model)
+    bf16 = bf16 and engine == "torch"
+    clf = Classifier.load(model, bf16=bf16)
     paths = [p for p, _ in iter_inputs([folder])]
     clf.predict(paths[:8])  # warm-up: first-call allocations are not throughput
     img_per_s = {}
@@ -99,8 +101,15 @@ def child_predict(model: str, folder: str, engine: str, latency_n: int) -> dict:
         t = time.perf_counter()
         clf.predict([p])
         lat.append((time.perf_counter() - t) * 1000)
-    return {"engine": engine, "n": len(rows), "predict_img_per_s": img_per_s["cold"], "cached_img_per_s": img_per_s["warm"],
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+    res = {"engine": engine, "n": len(rows), "predict_img_per_s": img_per_s["cold"],
+           "cached_img_per_s": img_per_s["warm"], "p50_ms": float(np.percentile(lat, 50)),
+           "p99_ms": float(np.percentile(lat, 99))}
+    if bf16:
+        fp32 = Classifier.load(model).predict(paths)
+        res["bf16_max_abs_diff"] = max(abs(r["probabilities"][c] - f.probabilities[c])
+                                       for r, f in zip(rows, fp32) for c in clf.classes)
+        res["bf16_labels_changed"] = sum(r["class"] != f.label for r, f in zip(rows, fp32))
+    return res
 
 
 # --- orchestration -----------------------------------------------------------------------------------------
@@ -137,7 +146,8 @@ def bench_dataset(data: Path, args, log) -> dict:
                            check=True, capture_output=True, stdin=subprocess.DEVNULL)
             for engine, model in (("torch", run), ("onnx", onnx)):
                 res, rss = run_measured([py, __file__, "--child-predict", str(model), str(data / "test"), engine,
-                                         "--latency-n", str(args.latency_n)], env={"CATDOG_CACHE": str(cache)})
+                                         "--latency-n", str(args.latency_n), "--precision", args.precision],
+                                        env={"CATDOG_CACHE": str(cache)})
                 raw[f"catdog_{engine}"].append({**res, "rss_mib": rss})
                 log(f"  catdog {engine}: {res['predict_img_per_s']:.0f} img/s predict, {res['cached_img_per_s']:.0f} cached, "
                     f"p50 {res['p50_ms']:.1f} ms, "
@@ -165,6 +175,9 @@ def summarise(raw: dict) -> dict:
         s[f"catdog_{engine}_p50_ms"] = stats([r["p50_ms"] for r in rows])
         s[f"catdog_{engine}_p99_ms"] = stats([r["p99_ms"] for r in rows])
         s[f"catdog_{engine}_rss_mib"] = stats([r["rss_mib"] for r in rows])
+    if all("bf16_max_abs_diff" in r for r in raw["catdog_torch"]):
+        s["bf16_max_abs_diff"] = max(r["bf16_max_abs_diff"] for r in raw["catdog_torch"])
+        s["bf16_labels_changed"] = max(r["bf16_labels_changed"] for r in raw["catdog_torch"])
     if raw["keras"]:
         s["ratio_train"] = s["catdog_train_img_per_s"]["median"] / s["keras_train_img_per_s"]["median"]
         for engine in ("torch", "onnx"):
@@ -183,7 +196,8 @@ def markdown(results: dict, args) -> str:
              "the images included; repeat k trains with seed k on both sides. File → prediction lists the files "
              "first on both sides, then times decoding, resizing and the forward pass; catdog's first pass starts "
              "from an empty decode cache (and fills it), the \"same files again\" rows are a second pass over the "
-             "same files, read from that cache, as a later `catdog predict` of the folder runs.\n"]
+             "same files, read from that cache, as a later `catdog predict` of the folder runs. catdog splits the "
+             "cores as `catdog predict` does: half decode the next part while the other half score this one.\n"]
     for name, s in results.items():
         lines += [f"\n## {name}\n", "| measure | Keras seed | catdog | catdog / Keras |", "| --- | --- | --- | --- |"]
         k = lambda key, d=1: fmt(s[key], d) if key in s else "n/a"
@@ -201,6 +215,10 @@ def markdown(results: dict, args) -> str:
             f"| peak RSS training (MiB) | {k('keras_rss_mib', 0)} | {k('catdog_train_rss_mib', 0)} | |",
             f"| peak RSS predict (MiB), PyTorch / ONNX | | {k('catdog_torch_rss_mib', 0)} / {k('catdog_onnx_rss_mib', 0)} | |",
         ]
+        if "bf16_max_abs_diff" in s:
+            lines.append(f"\nPyTorch predicts with `--bf16`: its probabilities differ from float32's by "
+                         f"{s['bf16_max_abs_diff']:.1e} at most, and {s['bf16_labels_changed']} of the test images "
+                         f"change class (worst repeat).")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +247,7 @@ def main() -> None:
         print(json.dumps(child_train(*args.child_train, args.epochs, args.batch_size, args.bf16, args.seed)))
         return
     if args.child_predict:
-        print(json.dumps(child_predict(*args.child_predict, args.latency_n)))
+        print(json.dumps(child_predict(*args.child_predict, args.latency_n, args.bf16)))
         return
 
     if not Path(args.keras_python).exists():

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 from catdog.data import SkipImage, decode_image
 from catdog.export import export_onnx
 from catdog.model import load_checkpoint, predict_probs
+from catdog import predict as predict_mod
 from catdog.predict import Classifier, ModelError, predict_stream
 from conftest import REPO, run_cli
 
@@ -114,14 +116,15 @@ def test_cli_json_and_table_formats_and_out_file(trained_runs, mixed_folder, tmp
     assert sum("unreadable" in line for line in table) == 3
 
 
-def test_cli_exit_codes(trained_runs, mixed_folder, tmp_path):
+def test_cli_exit_codes(trained_runs, mixed_folder, tmp_path, onnx_model):
     proc = run_cli("predict", str(trained_runs["seed"]), str(mixed_folder / "notes.jpg"), str(mixed_folder / "empty.png"),
                    "--format", "csv", check=False)
     assert proc.returncode == 1, "nothing readable"
     assert len(list(csv.DictReader(io.StringIO(proc.stdout)))) == 2, "the reasons are still written"
     for args in (["predict", str(tmp_path / "no-run"), str(mixed_folder)],
                  ["predict", str(trained_runs["seed"]), str(mixed_folder), "--threshold", "2"],
-                 ["predict", str(trained_runs["seed"]), str(mixed_folder), "--out", str(tmp_path)]):
+                 ["predict", str(trained_runs["seed"]), str(mixed_folder), "--out", str(tmp_path)],
+                 ["predict", onnx_model, str(mixed_folder), "--bf16"]):
         proc = run_cli(*args, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith("catdog: error:"), proc.stderr
         assert "Traceback" not in proc.stderr
@@ -220,8 +223,50 @@ def test_predict_stream_reads_ahead_one_chunk_at_most(trained_runs, tiny_data):
 
     rows = predict_stream(clf, endless(), chunk=16)
     first = [next(rows) for _ in range(20)]
-    assert len(consumed) == 32, "two chunks of 16 read for 20 rows, not the whole input"
+    assert len(consumed) == 48, "rows 17-20 come from the second chunk of 16 while the third decodes, no more"
     assert all(r["class"] == first[0]["class"] and r["error"] is None for r in first)
+
+
+@pytest.mark.parametrize("name", ["seed", "resnet"])
+def test_bf16_predictions_stay_close_to_float32(trained_runs, tiny_data, name, tmp_path):
+    paths = sorted((tiny_data / "test").rglob("*.jpg"))
+    fp32 = Classifier.load(trained_runs[name])
+    bf16 = Classifier.load(trained_runs[name], bf16=True)
+    assert (fp32.info()["precision"], bf16.info()["precision"]) == ("float32", "bfloat16")
+    a = np.array([p.probabilities["dogs"] for p in fp32.predict(paths)])
+    b = np.array([p.probabilities["dogs"] for p in bf16.predict(paths)])
+    assert not np.array_equal(a, b), "the forward pass really ran in bf16"
+    np.testing.assert_allclose(b, a, atol=2e-2)
+    out = tmp_path / "p.csv"
+    run_cli("predict", str(trained_runs[name]), str(tiny_data / "test"), "--bf16", "--format", "csv", "--out", str(out),
+            "--no-cache")
+    cli = {Path(r["path"]).name: float(r["p_dogs"]) for r in csv.DictReader(open(out))}
+    assert np.allclose([cli[p.name] for p in paths], b, atol=1e-6), "the CLI's --bf16 is the API's"
+
+
+def test_predict_stream_scores_on_spare_cores_while_decoding_and_restores_threads(trained_runs, tiny_data, tmp_path):
+    import torch
+
+    from catdog.store import DecodeStore
+
+    clf = Classifier.load(trained_runs["seed"])
+    before = torch.get_num_threads()
+    calls = []
+    limit = clf.runner.limit_threads
+    clf.runner.limit_threads = lambda n: (calls.append(n), limit(n))
+    paths = [(str(p), None) for p in sorted((tiny_data / "test").rglob("*.jpg"))]
+    parts = -(-len(paths) // 4)
+    assert parts >= 3
+    store = DecodeStore(clf.image_size, path=tmp_path / "d.sqlite")
+    cold = list(predict_stream(clf, iter(paths), chunk=4, threads=2, store=store))
+    spare = max(1, predict_mod._cores() // 2)
+    # the last call restores the thread count
+    assert calls == [spare] * (parts - 1) + [None, None], "limited while the next part decodes, not for the last"
+    calls.clear()
+    warm = list(predict_stream(clf, iter(paths), chunk=4, threads=2, store=store))
+    assert calls == [None] * (parts + 1), "parts read from the store need no decoding"
+    assert torch.get_num_threads() == before
+    assert [r["probabilities"] for r in cold] == [r["probabilities"] for r in warm]
 
 
 def test_cams_explain_the_class_decided_with_tta_and_threshold(trained_runs, tiny_data):
