@@ -15,6 +15,7 @@ Usage: python benchmarks/speed.py [--data DIR ...] [--repeats 3] [--epochs 25]
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -85,6 +86,7 @@ def child_predict(model: str, folder: str, engine: str, latency_n: int, bf16: bo
 
     bf16 = bf16 and engine == "torch"
     clf = Classifier.load(model, bf16=bf16)
+    gc.freeze()  # as `catdog predict` does after loading the model
     paths = [p for p, _ in iter_inputs([folder])]
     clf.predict(paths[:8])  # warm-up: first-call allocations are not throughput
     img_per_s = {}

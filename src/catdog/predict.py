@@ -5,6 +5,7 @@ and ONNX Runtime alone. Decoding goes through catdog.data, shared with training 
 """
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import os
@@ -398,6 +399,10 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
     from catdog import fileio
 
     clf = Classifier.load(source, threshold, bf16=bf16)
+    # Everything alive now (torch, the model) lives until exit. Frozen, it is left out of the garbage collector's
+    # full collections, each of which walked it for ~55 ms: over the 624 embedded test files one came after 400
+    # files, and the first prediction pass took 0.22 s instead of 0.17 s.
+    gc.freeze()
     if cam_dir is not None and clf.kind != "torch":
         raise ModelError("--cam needs the PyTorch checkpoint (a run folder or .pt), not an .onnx file")
     if out is not None and Path(out).is_dir():
