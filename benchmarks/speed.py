@@ -198,8 +198,9 @@ def markdown(results: dict, args) -> str:
              "the images included; repeat k trains with seed k on both sides. File → prediction lists the files "
              "first on both sides, then times decoding, resizing and the forward pass; catdog's first pass starts "
              "from an empty decode cache (and fills it), the \"same files again\" rows are a second pass over the "
-             "same files, read from that cache, as a later `catdog predict` of the folder runs. catdog splits the "
-             "cores as `catdog predict` does: half decode the next part while the other half score this one.\n"]
+             "same files, read from that cache, as a later `catdog predict` of the folder runs. catdog predicts as "
+             "`catdog predict` does: a thread per core decodes the next 64 files while the model scores the current "
+             "ones on half the cores.\n"]
     for name, s in results.items():
         lines += [f"\n## {name}\n", "| measure | Keras seed | catdog | catdog / Keras |", "| --- | --- | --- | --- |"]
         k = lambda key, d=1: fmt(s[key], d) if key in s else "n/a"
