@@ -112,13 +112,12 @@ def profile_predict(paths: list[str], size: int, workers: int, decoder: str) -> 
     JPEGs through simplejpeg), "pillow-draft" (Pillow with DCT scaling, as before simplejpeg) or "pillow-full"
     (Pillow without DCT scaling: what a plain PIL open + resize costs)."""
     import catdog.data as D
-    from PIL import Image
 
     saved = D.decode_image
     if decoder != "catdog":
         def pillow(source, image_size, max_pixels=D.MAX_PIXELS):
-            img = D.open_image(source, max_pixels, draft_size=image_size if decoder == "pillow-draft" else None)
-            return np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+            draft = image_size if decoder == "pillow-draft" else None
+            return D.resize_square(D.open_image(source, max_pixels, draft_size=draft), image_size)
         D.decode_image = pillow
     try:
         t0 = time.perf_counter()

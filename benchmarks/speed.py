@@ -15,7 +15,6 @@ Usage: python benchmarks/speed.py [--data DIR ...] [--repeats 3] [--epochs 25]
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -81,12 +80,12 @@ def child_predict(model: str, folder: str, engine: str, latency_n: int, bf16: bo
     `catdog predict --bf16` does, and its probabilities are compared with float32's. Then single-image latency."""
     import numpy as np
 
-    from catdog.predict import Classifier, iter_inputs, predict_stream
+    from catdog.predict import Classifier, iter_inputs, predict_stream, tune_process_for_streaming
     from catdog.store import DecodeStore
 
     bf16 = bf16 and engine == "torch"
     clf = Classifier.load(model, bf16=bf16)
-    gc.freeze()  # as `catdog predict` does after loading the model
+    tune_process_for_streaming()  # as `catdog predict` does after loading the model
     paths = [p for p, _ in iter_inputs([folder])]
     clf.predict(paths[:8])  # warm-up: first-call allocations are not throughput
     img_per_s = {}
@@ -232,7 +231,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                    help="catdog's training precision (bf16 autocast pays on CPUs with AMX)")
+                    help="catdog's precision, training and PyTorch predict (bf16 autocast pays on CPUs with AMX)")
     ap.add_argument("--latency-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0, help="(child) catdog's training seed; repeat k uses seed k")
     ap.add_argument("--keras-python", default=str(REPO / "benchmarks/.venv-keras/bin/python"))

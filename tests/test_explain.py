@@ -97,7 +97,7 @@ def test_explain_command_writes_overlays_and_reports_bad_paths(tiny_run, tiny_da
                    "--out", str(tmp_path / "cams"), "--method", "gradcampp", "--json")
     result = json.loads(proc.stdout)
     assert [w["path"] for w in result["written"]] == list(map(str, good))
-    assert result["layer"] == "features.3", "the seed model's own CAM layer, found automatically"
+    assert result["layer"] == "features.4", "the seed model's own CAM layer, found automatically"
     for w in result["written"]:
         with Image.open(w["out"]) as img:
             assert img.format == "PNG" and img.size == (40, 32), "the overlay keeps the image's own size"

@@ -211,7 +211,7 @@ def test_memory_stays_flat_as_the_file_count_grows(onnx_model, tmp_path):
     assert peaks[8000] - peaks[1000] < 8 * 1024, peaks
 
 
-def test_predict_stream_reads_ahead_one_chunk_at_most(trained_runs, tiny_data):
+def test_predict_stream_reads_one_chunk_ahead_of_the_rows_at_most(trained_runs, tiny_data):
     clf = Classifier.load(trained_runs["seed"])
     path = str(sorted((tiny_data / "test" / "cats").glob("*.jpg"))[0])
     consumed = []

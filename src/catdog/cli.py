@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="decode every file, without reading or adding to the decode cache (~/.cache/catdog)")
     p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast for a PyTorch model: faster on CPUs with AMX, probabilities within ~1e-3")
+                   help="bfloat16 autocast for a PyTorch model: faster on CPUs with AMX, probabilities within ~0.01")
     p.set_defaults(func=_predict)
 
     x = sub.add_parser("export", help="export a run to ONNX, checked against PyTorch")

@@ -19,7 +19,7 @@ from catdog import fileio
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 50_000_000  # images larger than this are refused unread (decompression bombs)
 MAX_JPEG_BYTES = 64 << 20  # larger JPEG files go to Pillow, which reads them in pieces
-CACHE_VERSION = 2  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when decoding changes, so old caches are not reused
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear reason
@@ -109,7 +109,8 @@ def open_image(source, max_pixels: int = MAX_PIXELS, draft_size: int | None = No
 
 
 def _plain_jpeg(data: bytes) -> bool:
-    """A JPEG whose headers hold no EXIF block, so there is no orientation to apply (what most photo sets hold)."""
+    """A JPEG whose headers hold nothing Pillow acts on besides the pixels: no APP1 block (EXIF or XMP, either of
+    which can carry an orientation) and no multi-picture index (an MPO file, which Pillow decodes at full size)."""
     if data[:2] != b"\xff\xd8":
         return False
     i, n = 2, len(data)
@@ -122,7 +123,7 @@ def _plain_jpeg(data: bytes) -> bool:
             continue
         if marker == 0xDA:  # start of scan: the headers are over
             return True
-        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\0\0":
+        if marker == 0xE1 or (marker == 0xE2 and data[i + 4:i + 8] == b"MPF\0"):
             return False
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return False
@@ -136,33 +137,36 @@ def _decode_jpeg_scaled(data: bytes, image_size: int, max_pixels: int) -> np.nda
         return None
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray") or not 0 < w * h <= max_pixels:  # CMYK: Pillow's conversion
+        # CMYK needs Pillow's conversion; under 8 px a side libjpeg-turbo may pick a 7/8 scale of the same size
+        if colorspace not in ("YCbCr", "Gray") or min(w, h) < 8 or w * h > max_pixels:
             return None
         scale = min(w // image_size, h // image_size)
         scale = next((s for s in (8, 4, 2) if scale >= s), 1)
         size = (-(-h // scale), -(-w // scale))
-        arr = simplejpeg.decode_jpeg(data, "RGB", min_height=size[0], min_width=size[1])
-    except (ValueError, RuntimeError):
+        arr = simplejpeg.decode_jpeg(data, "RGB", min_height=size[0], min_width=size[1], strict=True)
+    except (ValueError, RuntimeError):  # strict: a damaged file raises, and Pillow reports why
         return None
     return arr if arr.shape == (*size, 3) else None
 
 
+def resize_square(img: Image.Image, image_size: int) -> np.ndarray:
+    """The model's (S, S, 3) uint8 input: bilinear, without keeping the aspect ratio (as the seed)."""
+    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0), np.uint8)
+
+
 def decode_image(source, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode one image to a (S, S, 3) uint8 array, resized without keeping the aspect ratio (as the seed)."""
-    arr = None
     if isinstance(source, (str, Path)):
         try:
             with open(source, "rb") as f:
                 if f.read(2) == b"\xff\xd8" and os.fstat(f.fileno()).st_size <= MAX_JPEG_BYTES:
                     f.seek(0)
-                    arr = _decode_jpeg_scaled(f.read(), image_size, max_pixels)
+                    source = f.read()  # read once: Pillow gets these bytes when the fast path declines
         except OSError as e:
             raise SkipImage(f"cannot read file: {e.strerror or e}") from None
-    elif isinstance(source, (bytes, bytearray)):
-        arr = _decode_jpeg_scaled(bytes(source), image_size, max_pixels)
+    arr = _decode_jpeg_scaled(bytes(source), image_size, max_pixels) if isinstance(source, (bytes, bytearray)) else None
     img = Image.fromarray(arr) if arr is not None else open_image(source, max_pixels, draft_size=image_size)
-    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
+    return resize_square(img, image_size)
 
 
 def _decode_many(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | None, str | None]]:

@@ -68,10 +68,6 @@ class _TorchRunner:
 
         if threads:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
-        # The forward pass allocates and frees the same activation buffers batch after batch; glibc's default
-        # thresholds hand them back and fault them in again (catdog/malloc.py): the seed network's bf16 pass over
-        # the 624 test images took 0.22 s on one core, 0.10 s with the thresholds raised.
-        malloc.keep_freed_memory()
 
         try:
             self.model, meta = load_checkpoint(path, device)
@@ -157,7 +153,7 @@ class Classifier:
         """Load a run folder, a .pt checkpoint or an .onnx file (threads per inference: 0 = library default).
 
         bf16: PyTorch checkpoints run the forward pass under bfloat16 autocast, much faster on CPUs with AMX;
-        probabilities move by about 1e-3 (benchmarks/speed.md). ONNX models always run in float32.
+        probabilities move by up to about 0.01 (benchmarks/speed.md). ONNX models always run in float32.
         """
         path = resolve_model(source)
         if path.suffix == ".onnx":
@@ -272,8 +268,6 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-
-
 def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chunk: int = 64, threads: int = 0,
                    cams: bool = False, store: DecodeStore | None = None) -> Iterator[dict]:
     """One row per input ({path, class, probabilities, error}), in order, holding two parts of `chunk` images.
@@ -290,7 +284,7 @@ def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chu
     it = iter(items)
 
     def start(part: list) -> tuple:
-        """Look the part up in the store (here: one connection per thread) and submit the rest for decoding."""
+        """Look the part up in the store (only ever from this generator's thread) and submit the rest for decoding."""
         keys = [store.key(path) if store is not None and not problem else None for path, problem in part]
         decoded: list = [(None, problem) if problem else None for _, problem in part]
         if store is not None:
@@ -300,31 +294,32 @@ def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chu
         todo = {i: pool.submit(_decode_or_reason, clf, part[i][0]) for i, d in enumerate(decoded) if d is None}
         return part, keys, decoded, todo
 
+    pool = ThreadPoolExecutor(threads)
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            ahead = start(first) if (first := list(islice(it, chunk))) else None
-            while ahead is not None:
-                part, keys, decoded, todo = ahead
-                for i, future in todo.items():
-                    decoded[i] = future.result()
-                ahead = start(nxt) if (nxt := list(islice(it, chunk))) else None
-                if store is not None:
-                    store.put([(keys[i], decoded[i][0]) for i in todo
-                               if keys[i] is not None and decoded[i][0] is not None])
-                ok = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
-                batch = np.stack([decoded[i][0] for i in ok]) if ok else None
-                clf.runner.limit_threads(spare if ahead is not None and ahead[3] else None)
-                p = clf.probs(batch) if ok else None
-                probs = dict(zip(ok, p)) if ok else {}
-                maps = dict(zip(ok, clf.cams(batch, p))) if ok and cams else {}
-                for i, (path, _) in enumerate(part):
-                    row = {"path": path, "class": None, "probabilities": None, "error": decoded[i][1]}
-                    if i in probs:
-                        row.update(clf.to_prediction(probs[i]).to_dict())
-                    if i in maps:
-                        row["cam_map"] = maps[i]
-                    yield row
-    finally:
+        ahead = start(first) if (first := list(islice(it, chunk))) else None
+        while ahead is not None:
+            part, keys, decoded, todo = ahead
+            for i, future in todo.items():
+                decoded[i] = future.result()
+            ahead = start(nxt) if (nxt := list(islice(it, chunk))) else None
+            if store is not None:
+                store.put([(keys[i], decoded[i][0]) for i in todo
+                           if keys[i] is not None and decoded[i][0] is not None])
+            ok = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
+            batch = np.stack([decoded[i][0] for i in ok]) if ok else None
+            clf.runner.limit_threads(spare if ahead is not None and ahead[3] else None)
+            p = clf.probs(batch) if ok else None
+            probs = dict(zip(ok, p)) if ok else {}
+            maps = dict(zip(ok, clf.cams(batch, p))) if ok and cams else {}
+            for i, (path, _) in enumerate(part):
+                row = {"path": path, "class": None, "probabilities": None, "error": decoded[i][1]}
+                if i in probs:
+                    row.update(clf.to_prediction(probs[i]).to_dict())
+                if i in maps:
+                    row["cam_map"] = maps[i]
+                yield row
+    finally:  # also when the caller stops early: files not yet being decoded are dropped
+        pool.shutdown(cancel_futures=True)
         clf.runner.limit_threads(None)
 
 
@@ -383,6 +378,20 @@ class RowWriter:
             self.f.write("\n]\n" if self.n else "]\n")
 
 
+def tune_process_for_streaming() -> None:
+    """Process-wide settings `catdog predict` makes after loading its model, for the rest of the process.
+
+    - Everything alive now (torch, the model) is frozen out of the garbage collector's full collections, each of
+      which walked it for ~55 ms: over the 624 embedded test files one came after 400 files, and the first
+      prediction pass took 0.22 s instead of 0.17 s.
+    - glibc keeps freed memory (catdog/malloc.py, as in training): the forward pass allocates and frees the same
+      activation buffers batch after batch, and with the default thresholds faults them in again each time; the
+      seed network's bf16 pass over the 624 test images took 0.22 s on one core, 0.10 s with them raised.
+    """
+    gc.freeze()
+    malloc.keep_freed_memory()
+
+
 def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out: str | Path | None = None,
                   cam_dir: str | Path | None = None, threshold: float = 0.5, progress: bool = True,
                   chunk: int = 64, cache: bool = True, bf16: bool = False) -> tuple[int, int]:
@@ -399,10 +408,7 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
     from catdog import fileio
 
     clf = Classifier.load(source, threshold, bf16=bf16)
-    # Everything alive now (torch, the model) lives until exit. Frozen, it is left out of the garbage collector's
-    # full collections, each of which walked it for ~55 ms: over the 624 embedded test files one came after 400
-    # files, and the first prediction pass took 0.22 s instead of 0.17 s.
-    gc.freeze()
+    tune_process_for_streaming()
     if cam_dir is not None and clf.kind != "torch":
         raise ModelError("--cam needs the PyTorch checkpoint (a run folder or .pt), not an .onnx file")
     if out is not None and Path(out).is_dir():
