@@ -261,13 +261,6 @@ def _decode_or_reason(clf: Classifier, path: str) -> tuple[np.ndarray | None, st
         return None, str(e)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chunk: int = 64, threads: int = 0,
                    cams: bool = False, store: DecodeStore | None = None) -> Iterator[dict]:
     """One row per input ({path, class, probabilities, error}), in order, holding two parts of `chunk` images.
@@ -279,8 +272,9 @@ def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chu
     share). With a store, files decoded before are read from it, new ones are added, and parts that need no
     decoding get all the cores. With cams, readable rows carry "cam_map".
     """
-    threads = threads or min(8, _cores())
-    spare = max(1, _cores() // 2)  # inference threads while the pool decodes
+    cores = os.cpu_count() or 1
+    threads = threads or min(8, cores)
+    spare = max(1, cores // 2)  # inference threads while the pool decodes
     it = iter(items)
 
     def start(part: list) -> tuple:
