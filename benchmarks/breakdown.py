@@ -135,7 +135,7 @@ def _with_forward(images: np.ndarray, decode_s: float) -> dict:
     torch.manual_seed(0)
     model = build_model("seed", images.shape[1]).eval()
     batch = Classifier.batch_size  # as `catdog predict` runs it
-    malloc.keep_freed_memory()  # as the PyTorch classifier does
+    malloc.keep_freed_memory()  # as `catdog predict` does (tune_process_for_streaming)
     times = {}
     for bf16 in (False, True):
         predict_probs(model, images[:batch], batch_size=batch, bf16=bf16)  # warm-up
