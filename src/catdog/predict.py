@@ -270,7 +270,8 @@ def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chu
     its rows. Side by side instead of in turns, the seed network (bf16, 2 cores) went from 3300 to 4500 img/s
     over the embedded test JPEGs, and from 1650 to 2100 over the full-size ones (decoding them is the larger
     share). With a store, files decoded before are read from it, new ones are added, and parts that need no
-    decoding get all the cores. With cams, readable rows carry "cam_map".
+    decoding get all the cores. torch's thread count is process-wide: the stream lowers it while it decodes and
+    sets it back to the count the classifier was loaded with when it ends. With cams, readable rows carry "cam_map".
     """
     cores = os.cpu_count() or 1
     threads = threads or min(8, cores)
