@@ -102,7 +102,7 @@ class _TorchRunner:
 class _OnnxRunner:
     """An exported .onnx file run by ONNX Runtime: no torch involved."""
 
-    kind = "onnx"
+    kind, bf16 = "onnx", False  # ONNX Runtime runs the exported graph in float32
 
     def __init__(self, path: Path, threads: int = 0):
         import onnxruntime as ort
@@ -180,7 +180,7 @@ class Classifier:
         """What the model is: kind, architecture, classes, input size, flip averaging, threshold."""
         return {"source": str(self.source), "kind": self.kind, "model": self.runner.model_name,
                 "classes": self.classes, "image_size": self.image_size, "tta": self.runner.tta,
-                "precision": "bfloat16" if getattr(self.runner, "bf16", False) else "float32",
+                "precision": "bfloat16" if self.runner.bf16 else "float32",
                 "threshold": self.threshold, "input": "RGB resized to image_size x image_size (bilinear), uint8 / 255"}
 
     def decode(self, image) -> np.ndarray:
@@ -302,7 +302,8 @@ def predict_stream(clf: Classifier, items: Iterable[tuple[str, str | None]], chu
                            if keys[i] is not None and decoded[i][0] is not None])
             ok = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
             batch = np.stack([decoded[i][0] for i in ok]) if ok else None
-            clf.runner.limit_threads(spare if ahead is not None and ahead[3] else None)
+            decoding = ahead is not None and bool(ahead[3])  # the next part's files are being decoded
+            clf.runner.limit_threads(spare if decoding else None)
             p = clf.probs(batch) if ok else None
             probs = dict(zip(ok, p)) if ok else {}
             maps = dict(zip(ok, clf.cams(batch, p))) if ok and cams else {}
