@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on a tiny set (their real runs are `make bench`, never the suite)."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,10 +21,12 @@ def test_accuracy_benchmark_runs_on_a_tiny_set(tiny_data, tmp_path):
 
     bench("--seeds", "0", "1")
     # a later invocation adds ablation rows to the same tables; the hand-written section is kept
-    text = bench("--seeds", "--ablation", "default recipe", "no mixup/cutmix")
+    text = bench("--seeds", "--ablation", "default recipe", "no mixup/cutmix", "--threads", "1")
     assert len(re.findall(r"\n\| 0 \| 32 \| \d+ \| 1 \|", text)) == 1
     assert len(re.findall(r"\n\| 1 \| 32 \| \d+ \| 1 \|", text)) == 1
     assert "over 2 seeds" in text and "| no mixup/cutmix |" in text and "| default recipe |" in text
+    # a row trained with fewer threads than there are cores says so beside its wall time
+    assert re.search(r"\| no mixup/cutmix \|.*\(1 thread\) \|", text) or os.cpu_count() == 1
     assert "old table" not in text and text.rstrip().endswith("notes written by hand")
     results = json.loads(out.with_suffix(".json").read_text())
     assert set(results["seeds"]) == {"0", "1"} and set(results["ablation"]) == {"default recipe", "no mixup/cutmix"}
@@ -62,3 +65,21 @@ def test_breakdown_runs_on_a_tiny_set(tiny_data, tmp_path):
                 "| computed with (torch default) |", "| flushed to zero (catdog train) |",
                 "| decode cache hit"):
         assert row in text
+
+
+def test_recipe_profile_runs_on_a_tiny_set(tiny_data, tmp_path):
+    out = tmp_path / "recipe_profile.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/recipe_profile.py"), "--data", str(tiny_data),
+                           "--image-size", "32", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    # one row per input size of the recipe's progressive schedule, with the epochs it spends at each
+    from catdog.config import TrainConfig
+
+    cfg = TrainConfig.for_model("resnet", image_size=32)
+    sizes = [cfg.train_size_at(e) for e in range(1, cfg.epochs + 1)]
+    rows = re.findall(r"\n\| (\d+) \| (\d+) \|(?: [\d.]+ \|){6} \d+% \|", text)
+    assert [(int(s), int(n)) for s, n in rows] == [(s, sizes.count(s)) for s in sorted(set(sizes))]
+    assert len(rows) > 1  # the schedule grows, so its smaller sizes are profiled too
+    assert re.search(r"\| `aten::\w+` \| \d+\.\d% \|", text)
