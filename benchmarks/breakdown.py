@@ -14,7 +14,6 @@ from statistics import median
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -24,6 +23,7 @@ from catdog.augment import augment_batch, to_tensor  # noqa: E402
 from catdog.data import decode_files, scan_folder, split_dir  # noqa: E402
 from catdog.model import build_model, predict_probs  # noqa: E402
 from catdog.predict import Classifier  # noqa: E402
+from stepping import timed_step  # noqa: E402  (benchmarks/, the script's own folder)
 
 STAGES = ("batch", "augment", "forward", "backward", "step")
 
@@ -55,15 +55,7 @@ def profile_epochs(images: np.ndarray, labels: np.ndarray, bf16: bool, channels_
             if not channels_last:
                 x = x.contiguous()
             t2 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x).float().squeeze(1)
-            loss = F.binary_cross_entropy_with_logits(logits, y)
-            t3 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t4 = time.perf_counter()
-            opt.step()
-            t5 = time.perf_counter()
+            t3, t4, t5 = timed_step(model, opt, x, y, bf16)
             for k, (a, b) in zip(STAGES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
                 marks[k] += b - a
         if epoch:  # epoch 0 is warm-up

@@ -20,7 +20,6 @@ from pathlib import Path
 from statistics import median
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -31,6 +30,7 @@ from catdog.config import TrainConfig  # noqa: E402
 from catdog.data import load_folder, split_dir, split_indices  # noqa: E402
 from catdog.model import build_model, predict_probs  # noqa: E402
 from catdog.train import eval_images  # noqa: E402
+from stepping import timed_step  # noqa: E402  (benchmarks/, the script's own folder)
 
 STAGES = ("augment", "forward", "backward", "step")
 
@@ -49,15 +49,7 @@ def timed_steps(model, opt, x_train, y_train, cfg: TrainConfig, size: int, steps
         if cfg.mix > 0:
             x, target = mix_batch(x, target, gen)
         t1 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = model(x).float().squeeze(1)
-        loss = F.binary_cross_entropy_with_logits(logits, target)
-        t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t3 = time.perf_counter()
-        opt.step()
-        t4 = time.perf_counter()
+        t2, t3, t4 = timed_step(model, opt, x, target, cfg.bf16)
         if i >= 2:
             for k, a, b in zip(STAGES, (t0, t1, t2, t3), (t1, t2, t3, t4)):
                 marks[k].append(b - a)
