@@ -112,8 +112,9 @@ def main() -> None:
              f"torch threads, nothing else running. The `resnet` recipe trains {cfg.epochs} epochs of "
              f"{len(tr_idx)} images ({steps_per_epoch} steps of {cfg.batch_size}), bf16 autocast "
              f"{'on' if cfg.bf16 else 'off'}, channels-last, at the input sizes of its progressive schedule. Each "
-             f"stage is the median over {args.steps} steps (every batch mixed, the worst case: the recipe mixes "
-             f"{cfg.mix:.0%} of them), in milliseconds per step; an epoch is that times {steps_per_epoch}.\n",
+             f"stage is the median over {args.steps} steps"
+             + (f" (every batch mixed, the worst case: the recipe mixes {cfg.mix:.0%} of them)" if cfg.mix else "")
+             + f", in milliseconds per step; an epoch is that times {steps_per_epoch}.\n",
              "| input px | epochs at it | augment | forward | backward | optimiser step | step total | epoch (s) | "
              "share of training |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
