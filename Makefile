@@ -33,7 +33,7 @@ bench: install $(KERAS_VENV)/.installed  # the profile, then speed side by side 
 	$(PY) benchmarks/breakdown.py --data $(firstword $(wildcard ../shared/data/cats_and_dogs) data/cats_and_dogs)
 	$(PY) benchmarks/speed.py --keras-python $(KERAS_VENV)/bin/python
 
-bench-accuracy: install  # where an epoch of the recipe goes (~1 min), then the recipe over 3 seeds (~45 min on 2 cores)
+bench-accuracy: install  # where an epoch of the recipe goes (under a minute), then the recipe over 3 seeds (~45 min on 2 cores)
 	$(PY) benchmarks/recipe_profile.py
 	$(PY) benchmarks/accuracy.py --seeds 0 1 2
 

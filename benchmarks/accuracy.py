@@ -170,14 +170,15 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown ablation row(s) {unknown}; known: {list(ABLATIONS)}")
 
-    base = {k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size)) if v is not None}
-    threads = {"threads": args.threads} if args.threads else {}
+    # threads is no part of the recipe (RECIPE_KEYS): it changes how fast a run goes, not what it trains
+    base = {k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size), ("threads", args.threads))
+            if v is not None}
     cfg = TrainConfig.for_model("resnet", **base)
     recipe = {k: getattr(cfg, k) for k in RECIPE_KEYS}
     json_path = args.out.with_suffix(".json")
     results = load_results(json_path, recipe)
     for seed in args.seeds:
-        row = train_one({**base, **threads}, seed, args.data, test=True)
+        row = train_one(base, seed, args.data, test=True)
         results = record(json_path, recipe, "seeds", str(seed), row)
         print(json.dumps(row), flush=True)
     for name in rows_asked:
@@ -185,7 +186,7 @@ def main() -> None:
         if name == "default recipe" and seed_row:
             row = {k: v for k, v in seed_row.items() if not k.startswith("test_")}
         else:
-            row = train_one({**base, **threads, **ABLATIONS[name]}, args.ablation_seed, args.data, test=False)
+            row = train_one({**base, **ABLATIONS[name]}, args.ablation_seed, args.data, test=False)
         results = record(json_path, recipe, "ablation", name, row)
         print(name, json.dumps(row), flush=True)
 

@@ -39,12 +39,11 @@ def timed_steps(model, opt, x_train, y_train, cfg: TrainConfig, size: int, steps
     """Median seconds per stage of one training step at `size` px, as fit() runs it (bf16 autocast, channels-last,
     the recipe's augmentation; every batch mixed, the recipe's worst case, when it mixes at all)."""
     gen = torch.Generator().manual_seed(size)
-    aug = dict(shear=cfg.shear, zoom=cfg.zoom, flip=cfg.flip, crop=cfg.crop, jitter=cfg.jitter, erase=cfg.erase)
     marks = {k: [] for k in STAGES}
     for i in range(steps + 2):  # the first two warm oneDNN up for this size
         idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
         t0 = time.perf_counter()
-        x = augment_batch(to_tensor(x_train[idx]), gen, **aug, size=size)
+        x = augment_batch(to_tensor(x_train[idx]), gen, **cfg.augmentation, size=size)
         target = y_train[idx].float() * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
         if cfg.mix > 0:
             x, target = mix_batch(x, target, gen)

@@ -112,6 +112,12 @@ class TrainConfig:
             raise ValueError("device must be cpu, cuda or auto")
 
     @property
+    def augmentation(self) -> dict:
+        """The keyword arguments of catdog.augment.augment_batch that this recipe trains with."""
+        return dict(shear=self.shear, zoom=self.zoom, flip=self.flip, crop=self.crop, jitter=self.jitter,
+                    erase=self.erase)
+
+    @property
     def eval_size(self) -> int:
         """The input size for validation and inference: image_size x eval_scale, rounded to a multiple of 8."""
         return eval_size(self.image_size, self.eval_scale)

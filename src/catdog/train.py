@@ -290,7 +290,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             write_history(out / "history.csv", history)
             save_last(0, {**meta, "epoch": 0, "val_acc": "", "state_dict": model.state_dict()}, 0)
 
-    aug = dict(shear=cfg.shear, zoom=cfg.zoom, flip=cfg.flip, crop=cfg.crop, jitter=cfg.jitter, erase=cfg.erase)
+    aug = cfg.augmentation
     saved = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
