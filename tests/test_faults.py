@@ -18,7 +18,7 @@ import torch
 from catdog import cli, fileio
 from catdog.config import TrainConfig
 from catdog.train import RunError, autocast_dtype, fit, resolve_device
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stop_after_epoch_1
 
 EPOCHS = 30  # long enough that a kill after the first epochs lands mid-run even on a fast machine
 
@@ -125,6 +125,27 @@ def test_ctrl_c_stops_cleanly_and_a_concurrent_run_refuses(tiny_data, tmp_path):
     assert not _temp_files(run)
     # once it has stopped, the folder is free again
     fit(_cfg(tiny_data, run, epochs=last["epoch"] + 1), resume=True, progress=False, log=lambda m: None)
+
+
+def test_a_moved_run_resumes_where_it_now_is_and_keeps_its_recipe(tiny_data, tmp_path):
+    made, moved = tmp_path / "made", tmp_path / "moved"
+    epochs = 1000  # the interrupt below must land mid-run
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tiny_data, made, epochs), progress=False, log=stop_after_epoch_1)
+    made.rename(moved)
+    refused = run_cli("train", "--resume", str(moved), "--epochs", "5", "--lr", "0.1", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--epochs, --lr cannot be combined with --resume" in refused.stderr
+    proc = _start("train", "--resume", str(moved), "--threads", "1", "--no-progress", "--no-eval")
+    _wait_for_epochs(proc, moved, 2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert f"resuming {moved} after epoch 1/{epochs}" in err
+    assert f"resume with: catdog train --resume {moved}" in err and "Traceback" not in err
+    assert not made.exists(), "nothing is written where the run used to be"
+    assert torch.load(moved / "last.pt", weights_only=False)["epoch"] >= 2
+    assert TrainConfig.load(moved / "config.json").epochs == epochs
 
 
 class _FullDisk:

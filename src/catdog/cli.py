@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -33,6 +34,12 @@ def _launch_torchrun(args, cfg: TrainConfig) -> int:
         return 130  # rank 0 has said how to resume
 
 
+# train flags that make the recipe: a resumed run keeps its own (its config.json), so they are refused with --resume
+RESUME_FIXED = {"data": "DATA", "out": "--out", "model": "--model", "epochs": "--epochs", "image_size": "--image-size",
+                "eval_scale": "--eval-scale", "progressive": "--progressive", "batch_size": "--batch-size",
+                "lr": "--lr", "seed": "--seed", "val_fraction": "--val-fraction", "bf16": "--bf16/--no-bf16"}
+
+
 def _train(args) -> int:
     from catdog.train import RunError, fit
 
@@ -40,7 +47,15 @@ def _train(args) -> int:
         cfg_path = Path(args.resume) / "config.json"
         if not (Path(args.resume) / "last.pt").exists() or not cfg_path.exists():
             raise RunError(f"nothing to resume in {args.resume} (no config.json and last.pt)")
-        cfg = TrainConfig.load(cfg_path)
+        defaults = vars(build_parser().parse_args(["train"]))
+        given = [flag for attr, flag in RESUME_FIXED.items() if getattr(args, attr) != defaults[attr]]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps the recipe "
+                             f"in {cfg_path} (only --threads, --workers and --device may change)")
+        resumed = TrainConfig.load(cfg_path)
+        # the folder named is the run, wherever it was made from or moved to since
+        resources = {k: getattr(args, k) for k in ("threads", "workers", "device") if getattr(args, k) is not None}
+        cfg = dataclasses.replace(resumed, out=str(args.resume), **resources)
     else:
         cfg = TrainConfig.for_model(
             args.model, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"catdog: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        run = getattr(args, "out", None) or getattr(args, "resume", None)
+        run = getattr(args, "resume", None) or getattr(args, "out", None)
         msg = f"; resume with: catdog train --resume {run}" if args.command == "train" and run else ""
         if os.environ.get("RANK", "0") == "0":
             print(f"catdog: interrupted{msg}", file=sys.stderr)
