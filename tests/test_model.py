@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 import torch
 
-from catdog.model import SeedNet, build_model
+from catdog.model import SeedNet, build_model, predict_probs
 
 
 @pytest.mark.parametrize("name", ["seed", "resnet"])
@@ -39,3 +40,14 @@ def test_seed_net_pooling_before_relu_computes_the_seeds_relu_then_pool():
 def test_resnet_ends_in_global_average_pooling_then_linear():
     model = build_model("resnet")
     assert isinstance(model.pool, torch.nn.AdaptiveAvgPool2d) and isinstance(model.fc, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_predict_probs_does_not_depend_on_the_batch_size(bf16):
+    torch.manual_seed(0)
+    model = build_model("resnet", 40).eval()
+    images = np.random.default_rng(0).integers(0, 256, (70, 40, 40, 3), dtype=np.uint8)
+    whole = predict_probs(model, images, batch_size=70, tta=True, bf16=bf16)
+    assert whole.shape == (70,) and 0 < float(whole.std())
+    for batch in (1, 64):
+        assert torch.allclose(predict_probs(model, images, batch_size=batch, tta=True, bf16=bf16), whole, atol=1e-6)

@@ -109,9 +109,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, images, batch_size: int = 256, tta: bool = False, device: str = "cpu",
+def predict_probs(model: nn.Module, images, batch_size: int = 64, tta: bool = False, device: str = "cpu",
                   bf16: bool = False) -> "torch.Tensor":
-    """P(class 1) for uint8 (N, S, S, 3) images; tta averages the image and its mirror image."""
+    """P(class 1) for uint8 (N, S, S, 3) images; tta averages the image and its mirror image.
+
+    Batches of 64 keep the activations in cache: validating the resnet recipe (200 images at 112 px, each with
+    its mirror image) took 260 ms in batches of 64 against 395 ms in batches of 256, with the same results.
+    """
     from catdog.augment import to_tensor
 
     model.eval()
