@@ -81,6 +81,19 @@ def test_report_and_evaluate_commands(tiny_run, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("catdog: error: not a run folder")
 
 
+def test_report_evaluate_says_when_there_is_no_test_split(tiny_run, tmp_path, capsys):
+    from catdog.cli import main
+
+    run, flat = tmp_path / "run", tmp_path / "flat"
+    shutil.copytree(tiny_run, run)
+    flat.mkdir()  # a folder-per-class set with no test/ folder
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "data": str(flat)}))
+    assert main(["report", str(run), "--evaluate"]) == 0
+    assert f"{flat} has no test split to evaluate" in capsys.readouterr().err
+    assert (run / "report.html").exists() and not (run / "metrics.json").exists()
+
+
 @pytest.mark.browser
 def test_report_renders_in_chromium(evaluated_run):
     from playwright.sync_api import sync_playwright

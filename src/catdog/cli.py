@@ -138,6 +138,9 @@ def _report(args) -> int:
     if (args.evaluate or not (run / "metrics.json").exists()) and has_test_split(cfg["data"]):
         evaluate_run(run)
     else:
+        if args.evaluate:
+            print(f"catdog: {cfg['data']} has no test split to evaluate; the report shows what the run has",
+                  file=sys.stderr)
         write_report(run)
     print(run / "report.html")
     return 0
