@@ -38,6 +38,7 @@ def _launch_torchrun(args, cfg: TrainConfig) -> int:
 RESUME_FIXED = {"data": "DATA", "out": "--out", "model": "--model", "epochs": "--epochs", "image_size": "--image-size",
                 "eval_scale": "--eval-scale", "progressive": "--progressive", "batch_size": "--batch-size",
                 "lr": "--lr", "seed": "--seed", "val_fraction": "--val-fraction", "bf16": "--bf16/--no-bf16"}
+RESUME_MAY_CHANGE = ("threads", "workers", "device")  # how it runs, not what it trains
 
 
 def _train(args) -> int:
@@ -51,10 +52,10 @@ def _train(args) -> int:
         given = [flag for attr, flag in RESUME_FIXED.items() if getattr(args, attr) != defaults[attr]]
         if given:
             raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps the recipe "
-                             f"in {cfg_path} (only --threads, --workers and --device may change)")
+                             f"in {cfg_path} (only {', '.join('--' + k for k in RESUME_MAY_CHANGE)} may change)")
         resumed = TrainConfig.load(cfg_path)
         # the folder named is the run, wherever it was made from or moved to since
-        resources = {k: getattr(args, k) for k in ("threads", "workers", "device") if getattr(args, k) is not None}
+        resources = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if getattr(args, k) is not None}
         cfg = dataclasses.replace(resumed, out=str(args.resume), **resources)
     else:
         cfg = TrainConfig.for_model(
