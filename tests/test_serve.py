@@ -219,6 +219,23 @@ def test_inference_runs_off_the_event_loop(run, monkeypatch):
     assert total_s < 1.5, f"four 0.5 s inferences overlapped ({total_s:.2f} s in all, 2 s one after another)"
 
 
+def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(run, monkeypatch):
+    real = Classifier.probs
+    calls = []
+
+    def broken_once(self, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("model failed")
+        return real(self, batch)
+
+    monkeypatch.setattr(Classifier, "probs", broken_once)
+    client = TestClient(create_app(run), raise_server_exceptions=False)
+    r = client.post("/predict", content=CAT.read_bytes(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error: RuntimeError"}
+    _assert_still_serving(client)
+
+
 # --- a real uvicorn on 127.0.0.1 ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
