@@ -217,6 +217,19 @@ def test_data_check_cli_json(odd_folder):
     assert all(s["reason"] for s in out["skipped"])
 
 
+def test_a_missing_embedded_set_says_how_to_get_one(tmp_path, monkeypatch):
+    from catdog import config
+
+    missing = tmp_path / "site-packages-like" / "data" / "cats_and_dogs"  # as a non-editable install would see it
+    monkeypatch.delenv("CATDOG_DATA", raising=False)
+    monkeypatch.setattr(config, "default_data_dir", lambda: missing)
+    with pytest.raises(D.DataError, match=r"not found: .*embedded set comes with a source checkout.*CATDOG_DATA"):
+        D.split_dir(missing, "train")
+    with pytest.raises(D.DataError) as other:
+        D.split_dir(tmp_path / "elsewhere", "train")
+    assert "source checkout" not in str(other.value)
+
+
 def test_data_check_cli_missing_folder_is_a_clear_error(tmp_path):
     proc = run_cli("data", "check", str(tmp_path / "nope"), check=False)
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -236,7 +236,12 @@ def split_dir(root: str | Path, split: str) -> Path:
     if (root / split).is_dir():
         return root / split
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+        from catdog.config import default_data_dir
+
+        embedded = root == default_data_dir() and not os.environ.get("CATDOG_DATA")
+        raise DataError(f"dataset folder not found: {root}" + (
+            " (the embedded set comes with a source checkout, installed with `make` or `pip install -e`; "
+            "otherwise give DATA or set $CATDOG_DATA)" if embedded else ""))
     return root
 
 
