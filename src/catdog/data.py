@@ -14,7 +14,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from catdog import fileio
+from catdog import config, fileio
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 50_000_000  # images larger than this are refused unread (decompression bombs)
@@ -236,9 +236,7 @@ def split_dir(root: str | Path, split: str) -> Path:
     if (root / split).is_dir():
         return root / split
     if not root.is_dir():
-        from catdog.config import default_data_dir
-
-        embedded = root == default_data_dir() and not os.environ.get("CATDOG_DATA")
+        embedded = root == config.default_data_dir() and not os.environ.get("CATDOG_DATA")
         raise DataError(f"dataset folder not found: {root}" + (
             " (the embedded set comes with a source checkout, installed with `make` or `pip install -e`; "
             "otherwise give DATA or set $CATDOG_DATA)" if embedded else ""))
