@@ -34,11 +34,11 @@ def _launch_torchrun(args, cfg: TrainConfig) -> int:
         return 130  # rank 0 has said how to resume
 
 
-# train flags that make the recipe: a resumed run keeps its own (its config.json), so they are refused with --resume
-RESUME_FIXED = {"data": "DATA", "out": "--out", "model": "--model", "epochs": "--epochs", "image_size": "--image-size",
-                "eval_scale": "--eval-scale", "progressive": "--progressive", "batch_size": "--batch-size",
-                "lr": "--lr", "seed": "--seed", "val_fraction": "--val-fraction", "bf16": "--bf16/--no-bf16"}
-RESUME_MAY_CHANGE = ("threads", "workers", "device")  # how it runs, not what it trains
+# A resumed run keeps the recipe in its config.json: every train flag is refused with --resume except these, which
+# say how it runs (not what it trains) or what the command does around the training.
+RESUME_MAY_CHANGE = ("threads", "workers", "device")
+RESUME_OPTIONS = ("command", "func", "resume", "nproc", "exist_ok", "no_eval", "no_progress")
+FLAG_NAMES = {"data": "DATA", "bf16": "--bf16/--no-bf16"}  # the others are --name-with-dashes
 
 
 def _train(args) -> int:
@@ -49,7 +49,8 @@ def _train(args) -> int:
         if not (Path(args.resume) / "last.pt").exists() or not cfg_path.exists():
             raise RunError(f"nothing to resume in {args.resume} (no config.json and last.pt)")
         defaults = vars(build_parser().parse_args(["train"]))
-        given = [flag for attr, flag in RESUME_FIXED.items() if getattr(args, attr) != defaults[attr]]
+        given = [FLAG_NAMES.get(k, "--" + k.replace("_", "-")) for k, v in defaults.items()
+                 if k not in RESUME_MAY_CHANGE + RESUME_OPTIONS and getattr(args, k) != v]
         if given:
             raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps the recipe "
                              f"in {cfg_path} (only {', '.join('--' + k for k in RESUME_MAY_CHANGE)} may change)")
