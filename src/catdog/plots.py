@@ -44,11 +44,14 @@ def training_curves(epochs, train_loss, val_loss, train_acc, val_acc) -> Figure:
     fig = _figure(10, 3.8)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = np.asarray(epochs)
+    # a marker per epoch while they can be told apart; over long runs they would hide the lines
+    few = len(epochs) <= 40
+    style = dict(ms=4) if few else dict(lw=1.0)
     for ax, tr, va, name in ((ax_loss, train_loss, val_loss, "loss"), (ax_acc, train_acc, val_acc, "accuracy")):
-        ax.plot(epochs, tr, "o-", color=TRAIN, label=f"train {name}", ms=4)
+        ax.plot(epochs, tr, "o-" if few else "-", color=TRAIN, label=f"train {name}", **style)
         va = np.asarray(va, dtype=float)
         if np.isfinite(va).any():
-            ax.plot(epochs, va, "s-", color=VAL, label=f"validation {name}", ms=4)
+            ax.plot(epochs, va, "s-" if few else "-", color=VAL, label=f"validation {name}", **style)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.set_title(f"{name.capitalize()} per epoch")
