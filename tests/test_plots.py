@@ -51,3 +51,18 @@ def test_sample_grid_frames_right_green_and_wrong_red():
     colours = [ax.spines["top"].get_edgecolor()[:3] for ax in fig.axes[:2]]
     assert np.allclose(colours[0], to_rgb(plots.RIGHT)) and np.allclose(colours[1], to_rgb(plots.WRONG))
     assert fig.axes[0].get_title().startswith("cats 80%") and fig.axes[1].get_title().startswith("cats 70%")
+
+
+def test_training_curves_mark_the_checkpoint_epoch_and_drop_markers_on_long_runs():
+    n = 60
+    epochs, falling = list(range(1, n + 1)), list(np.linspace(0.7, 0.3, n))
+    fig = plots.training_curves(epochs, falling, falling, falling, falling, marked_epoch=42, marked_label="best.pt")
+    for ax in fig.axes:
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert "best.pt (epoch 42)" in labels
+        marker = next(line for line in ax.get_lines() if line.get_label() == "best.pt (epoch 42)")
+        assert list(marker.get_xdata()) == [42, 42]
+        curves = [line for line in ax.get_lines() if line.get_label().startswith(("train", "validation"))]
+        assert len(curves) == 2 and all(line.get_marker() in ("None", "", None) for line in curves)
+    short = plots.training_curves([1, 2, 3], [0.7, 0.6, 0.5], [0.69, 0.65, 0.6], [0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    assert all(line.get_marker() in ("o", "s") for ax in short.axes for line in ax.get_lines())

@@ -39,8 +39,10 @@ def save_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-def training_curves(epochs, train_loss, val_loss, train_acc, val_acc) -> Figure:
-    """Loss and accuracy per epoch, train vs validation (validation left out where it is missing/NaN)."""
+def training_curves(epochs, train_loss, val_loss, train_acc, val_acc, marked_epoch: int | None = None,
+                    marked_label: str = "checkpoint") -> Figure:
+    """Loss and accuracy per epoch, train vs validation (validation left out where it is missing/NaN); a dashed
+    vertical line at marked_epoch (the epoch of the evaluated checkpoint), when given."""
     fig = _figure(10, 3.8)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = np.asarray(epochs)
@@ -52,6 +54,8 @@ def training_curves(epochs, train_loss, val_loss, train_acc, val_acc) -> Figure:
         va = np.asarray(va, dtype=float)
         if np.isfinite(va).any():
             ax.plot(epochs, va, "s-" if few else "-", color=VAL, label=f"validation {name}", **style)
+        if marked_epoch is not None:
+            ax.axvline(marked_epoch, color="0.35", ls="--", lw=1, label=f"{marked_label} (epoch {marked_epoch})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.set_title(f"{name.capitalize()} per epoch")

@@ -20,7 +20,8 @@ from catdog.train import RunError
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "layercam": "LayerCAM", "scorecam": "Score-CAM",
                 "cam": "CAM"}
 PLOTS = [  # file in plots/, heading, what it shows
-    ("curves.png", "Training curves", "Loss and accuracy per epoch on the training and validation splits."),
+    ("curves.png", "Training curves", "Loss and accuracy per epoch on the training and validation splits; the dashed "
+                                      "line marks the epoch of the evaluated checkpoint."),
     ("confusion.png", "Confusion matrix", "Rows: true class; columns: predicted class (threshold 0.5)."),
     ("roc.png", "ROC curve", "True vs false positive rate over all thresholds; the diagonal is chance."),
     ("pr.png", "Precision-recall curve", "Precision vs recall over all thresholds; the dashed line is the base rate."),
@@ -59,10 +60,14 @@ def write_plots(run: str | Path, result: dict, n_samples: int = 18, n_cams: int 
     val_t = result["val_threshold"]["threshold"]
     written = []
     history = _read_history(run)
+    model, meta = load_checkpoint(result["checkpoint"])
     if history:
         col = lambda k: [_float(r[k]) for r in history]
+        epoch = meta.get("epoch")  # the evaluated checkpoint's epoch (best.pt: the best on validation)
+        marked = int(epoch) if isinstance(epoch, int) and epoch >= 1 and epoch in col("epoch") else None
         written.append(plots.save_png(plots.training_curves(col("epoch"), col("train_loss"), col("val_loss"),
-                                                            col("train_acc"), col("val_acc")), out / "curves.png"))
+                                                            col("train_acc"), col("val_acc"), marked,
+                                                            Path(result["checkpoint"]).name), out / "curves.png"))
     written.append(plots.save_png(plots.confusion_matrices(result["confusion_matrix"], classes), out / "confusion.png"))
     if result["roc_auc"] is not None:
         written.append(plots.save_png(plots.roc_curve(y, probs, classes), out / "roc.png"))
@@ -75,7 +80,6 @@ def write_plots(run: str | Path, result: dict, n_samples: int = 18, n_cams: int 
     shown = [display_image(ds.paths[i], 192) for i in sample]
     written.append(plots.save_png(plots.prediction_grid(shown, y[sample], probs[sample], classes), out / "samples.png"))
 
-    model, _ = load_checkpoint(result["checkpoint"])
     per_class = [rng.permutation(np.flatnonzero(y == c))[:n_cams // 2] for c in range(len(classes))]
     picks = {"cams.png": (np.sort(np.concatenate(per_class)), "Class activation maps (Grad-CAM) on sample test images"),
              "mistakes.png": (np.argsort(-_losses(y, probs))[:min(n_mistakes, int(((probs > 0.5) != y).sum()))],
