@@ -250,9 +250,10 @@ def test_read_only_output_folder_is_a_clear_error(tiny_data, tmp_path, capsys):
 def test_resume_clears_the_temp_files_of_a_killed_run(tiny_data, tmp_path):
     run = tmp_path / "run"
     fit(_cfg(tiny_data, run, epochs=1), progress=False, log=lambda m: None)
-    (run / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    (run / ".last.pt.x1y2.catdog.tmp").write_bytes(b"half a checkpoint")
+    (run / ".notes.tmp").write_text("the user's own file")
     fit(_cfg(tiny_data, run, epochs=1), resume=True, progress=False, log=lambda m: None)
-    assert not _temp_files(run)
+    assert _temp_files(run) == [".notes.tmp"], "only catdog's own temp files are removed"
 
 
 def test_device_resolution(monkeypatch):

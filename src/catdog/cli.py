@@ -205,6 +205,32 @@ def _serve(args) -> int:
     return 0
 
 
+def _int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi], else a usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is not between {lo} and {hi}")
+        return value
+    return parse
+
+
+def _positive_float(hi: float):
+    """An argparse type: a number above 0 and at most hi (nan and inf refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0 and at most {hi:g}")
+        return value
+    return parse
+
+
 def _run_error() -> type[Exception]:
     """train.RunError once catdog.train is loaded; importing it here would pull in torch for ONNX-only commands."""
     train = sys.modules.get("catdog.train")
@@ -230,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int,
                    help="global batch: images per step over all processes (each takes batch/nproc)")
     t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_int_in(0, 2**31 - 1), default=0)
     t.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.1)")
-    t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    t.add_argument("--workers", type=int, help="image-decoding processes (default: one per core)")
+    t.add_argument("--threads", type=_int_in(0, 1024), help="torch threads (default: all cores)")
+    t.add_argument("--workers", type=_int_in(0, 256), help="image-decoding processes (default: one per core)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (fast on CPUs with AMX; default: the model's recipe, on for resnet)")
     t.add_argument("--device", choices=("cpu", "cuda", "auto"),
@@ -272,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = d.add_parser("check", help="list what loads and what is skipped, and why")
     c.add_argument("dir")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--image-size", type=int, default=64)
-    c.add_argument("--workers", type=int, default=0)
+    c.add_argument("--image-size", type=_int_in(16, 1024), default=64)
+    c.add_argument("--workers", type=_int_in(0, 256), default=0)
     c.set_defaults(func=_data_check)
     g = d.add_parser("download", help="fetch a dataset archive (.zip/.tar.*) by URL and unpack it as DIR/<class>/")
     g.add_argument("url")
@@ -305,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP API and web page for a run (FastAPI + uvicorn)")
     s.add_argument("run", help="run folder, .pt checkpoint or .onnx file")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-mb", type=float, default=10.0, help="largest accepted upload in MB (default 10)")
+    s.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    s.add_argument("--max-mb", type=_positive_float(1024), default=10.0, help="largest accepted upload in MB (default 10)")
     s.set_defaults(func=_serve)
     return ap
 
@@ -316,15 +342,26 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
+    say = (lambda m: print(m, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda m: None)
+    # (under torchrun every rank fails alike: rank 0 alone says so)
     try:
         return args.func(args)
     except (DataError, _run_error(), FileNotFoundError, ValueError) as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one message
-            print(f"catdog: error: {e}", file=sys.stderr)
+        say(f"catdog: error: {e}")
+        return 2
+    except BrokenPipeError:  # the reader of stdout left (`catdog predict ... | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit stays quiet
+        return 141
+    except OSError as e:  # a path that cannot be made, read or written (a file where a folder should be, ...)
+        say(f"catdog: error: {e.strerror}: {e.filename}" if e.strerror and e.filename else f"catdog: error: {e}")
         return 2
     except KeyboardInterrupt:
         run = getattr(args, "resume", None) or getattr(args, "out", None)
-        msg = f"; resume with: catdog train --resume {run}" if args.command == "train" and run else ""
-        if os.environ.get("RANK", "0") == "0":
-            print(f"catdog: interrupted{msg}", file=sys.stderr)
+        resumable = args.command == "train" and run and os.path.exists(os.path.join(run, "last.pt"))
+        say("catdog: interrupted" + (f"; resume with: catdog train --resume {run}" if resumable else ""))
         return 130
+    except Exception as e:  # a bug: one line, and the traceback when asked for
+        if os.environ.get("CATDOG_DEBUG"):
+            raise
+        say(f"catdog: internal error: {type(e).__name__}: {e} (set CATDOG_DEBUG=1 for the traceback)")
+        return 1

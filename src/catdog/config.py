@@ -92,8 +92,12 @@ class TrainConfig:
             raise ValueError("image_size must be between 16 and 1024")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
+        if not 0 < self.lr < float("inf"):  # also refuses nan
+            raise ValueError("lr must be a positive number")
+        if self.seed < 0:
+            raise ValueError("seed must be 0 or more")
+        if self.threads < 0 or self.workers < 0:
+            raise ValueError("threads and workers must be 0 (one per core) or more")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction must be in [0, 1)")
         if not 0 <= self.label_smoothing < 1:

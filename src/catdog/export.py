@@ -70,6 +70,9 @@ def export_onnx(run: str | Path, out: str | Path | None = None, atol: float = AT
     out = Path(out) if out is not None else ckpt.with_name("model.onnx")
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; give a file name")
+    if out.suffix.lower() == ".pt" or (out.exists() and out.resolve() == ckpt.resolve()):
+        raise ExportError(f"--out {out} would overwrite a checkpoint; give the ONNX file a name of its own "
+                          f"(default: {ckpt.with_name('model.onnx')})")
 
     proto = onnx.load_from_string(_to_onnx_bytes(ProbabilityHead(model, tta).eval(), size))
     props = {"classes": json.dumps(meta["classes"]), "image_size": str(size), "input": INPUT_DOC,

@@ -3,19 +3,52 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 
+TEMP_SUFFIX = ".catdog.tmp"  # what a killed writer leaves behind; only files named so are ever cleaned up
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def _temp_prefix(name: str) -> str:
+    """'.NAME.' with NAME cut so the temp file's name stays within the usual 255-byte limit."""
+    raw = os.fsencode(name)
+    if len(raw) > 200:
+        name = os.fsdecode(raw[:200]).rstrip("\udcff")  # a cut multi-byte character decodes as surrogates
+        name = "".join(c for c in name if not "\udc80" <= c <= "\udcff")
+    return f".{name}."
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; on success it replaces `path`, on error it is removed."""
+    """Open a temp file beside `path`; on success it replaces `path`, on error it is removed.
+
+    The file gets the permissions a plain open() would give it: those of the file it replaces, else 0666 less the
+    umask (mkstemp's own 0600 would hide exports and reports from other users). Text is UTF-8; characters that
+    stand for undecodable bytes in file names (surrogate escapes) are written back as those bytes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+        try:
+            perms = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            perms = 0o666 & ~UMASK
+        os.fchmod(fd, perms)
+        text = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+        with os.fdopen(fd, mode, **({} if "b" in mode else text)) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -114,6 +114,23 @@ def build_model(name: str, image_size: int = 64) -> nn.Module:
     raise ValueError(f"unknown model {name!r} (choose seed or resnet)")
 
 
+def read_torch_file(path: Path, device: str = "cpu") -> dict:
+    """A checkpoint file's contents; a clear ValueError for a file that is not one (damaged, or something else)."""
+    import pickle
+    import zipfile
+
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except IsADirectoryError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, TypeError,
+            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable catdog checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a catdog checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """A trained network in eval mode and its checkpoint metadata (classes, image_size, config, ...)."""
     path = Path(path)
@@ -121,9 +138,14 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = build_model(ckpt["model"], ckpt.get("train_size", ckpt["image_size"]))
-    model.load_state_dict(ckpt["state_dict"])
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(f"{path} is an ONNX model; this needs the PyTorch checkpoint (a run folder or .pt file)")
+    ckpt = read_torch_file(path, device)
+    try:
+        model = build_model(ckpt["model"], ckpt.get("train_size", ckpt["image_size"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a catdog checkpoint ({type(e).__name__}: {e})") from None
     model.eval().to(device)
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state_dict", "optimizer", "scheduler", "ema")}
     return model, meta

@@ -21,7 +21,7 @@ from catdog import distributed, fileio, malloc
 from catdog.augment import augment_batch, mix_batch, to_tensor
 from catdog.config import TrainConfig
 from catdog.data import ImageSet, decode_files, load_folder, skip_summary, split_dir, split_indices
-from catdog.model import build_model, predict_probs
+from catdog.model import build_model, predict_probs, read_torch_file
 
 try:
     import fcntl
@@ -109,8 +109,8 @@ def claim_run_dir(out: Path, resume: bool, exist_ok: bool, held: contextlib.Exit
         _check_writable(out)
     else:
         check_out_dir(out, exist_ok)
-    for tmp in out.glob(".*.tmp"):  # half-written by a killed run; nobody else writes here while we hold the lock
-        tmp.unlink(missing_ok=True)
+    for tmp in out.glob(f".*{fileio.TEMP_SUFFIX}"):  # half-written by a killed run (catdog's temp files only);
+        tmp.unlink(missing_ok=True)                    # nobody else writes here while we hold the lock
 
 
 @contextlib.contextmanager
@@ -254,7 +254,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             f"{cfg.batch_size} = {batch} per process, {steps_per_epoch} steps per epoch")
     history, best, start_epoch = [], None, 1
     if resume:
-        last = torch.load(out / "last.pt", map_location=device, weights_only=False)
+        last = read_torch_file(out / "last.pt", device)
         model.load_state_dict(last["train_state_dict"])
         opt.load_state_dict(last["optimizer"])
         if sched is not None:

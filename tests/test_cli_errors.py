@@ -1,0 +1,102 @@
+"""Bad input to any command is one clear line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from catdog.cli import main
+
+from conftest import REPO
+
+
+def _fails(capsys, *argv: str, code: int = 2) -> str:
+    """Run `catdog ARGV` in this process; it must exit with `code` and say why on one line."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code, (argv, rc, err)
+    assert "Traceback" not in err and err.strip(), err
+    return err
+
+
+@pytest.fixture
+def junk_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("this is not a checkpoint")
+    return path
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_by_every_command(capsys, junk_checkpoint, tiny_data, tmp_path):
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    for argv in (["predict", str(junk_checkpoint), str(photo)], ["evaluate", str(junk_checkpoint), str(tiny_data)],
+                 ["explain", str(junk_checkpoint), str(photo), "--out", str(tmp_path / "cams")],
+                 ["export", str(junk_checkpoint), "--out", str(tmp_path / "m.onnx")]):
+        err = _fails(capsys, *argv)
+        assert str(junk_checkpoint) in err and "checkpoint" in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(junk_checkpoint, run / "last.pt")
+    (run / "config.json").write_text("{}")
+    assert "not a readable catdog checkpoint" in _fails(capsys, "train", "--resume", str(run))
+
+
+def test_an_onnx_file_where_a_checkpoint_is_needed_says_so(capsys, tiny_data, tmp_path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07onnx-ish bytes")
+    assert "ONNX model" in _fails(capsys, "evaluate", str(onnx), str(tiny_data))
+
+
+def test_an_output_path_under_a_file_is_an_error_not_a_traceback(capsys, trained_runs, tiny_data, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    err = _fails(capsys, "predict", str(trained_runs["seed"]), str(photo), "--out", str(blocker / "x.csv"))
+    assert str(blocker) in err
+    _fails(capsys, "export", str(trained_runs["seed"]), "--out", str(blocker / "m.onnx"))
+    assert blocker.read_text() == "mine"
+
+
+def test_export_refuses_to_overwrite_its_own_checkpoint(capsys, trained_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["seed"], run)
+    before = (run / "best.pt").read_bytes()
+    assert "checkpoint" in _fails(capsys, "export", str(run), "--out", str(run / "best.pt"))
+    assert (run / "best.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["serve", "x.onnx", "--port", "70000"], "--port"),
+    (["serve", "x.onnx", "--port", "-1"], "--port"),
+    (["serve", "x.onnx", "--max-mb", "inf"], "--max-mb"),
+    (["serve", "x.onnx", "--max-mb", "nan"], "--max-mb"),
+    (["data", "check", ".", "--image-size", "0"], "--image-size"),
+    (["train", "--threads", "-1"], "--threads"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--workers", "-2"], "--workers"),
+])
+def test_out_of_range_flags_are_usage_errors_naming_the_flag(capsys, argv, flag):
+    assert flag in _fails(capsys, *argv)
+
+
+def test_an_infinite_learning_rate_is_refused_before_the_run_folder_is_made(capsys, tiny_data, tmp_path):
+    assert "lr" in _fails(capsys, "train", str(tiny_data), "--lr", "inf", "--out", str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_closed_pipe_ends_predict_quietly(trained_runs, tiny_data, tmp_path):
+    """`catdog predict ... | head -1`: the reader leaves early, and that is not an error worth a traceback."""
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    for i in range(1500):  # rows enough to fill the pipe (64 KiB) after head has gone
+        os.link(photo, tmp_path / f"photo_with_a_long_enough_name_{i:05d}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = (f"{sys.executable} -m catdog predict {trained_runs['seed']} {tmp_path} --format csv --no-cache "
+           f"| head -c 1")
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
