@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def tiny_data(tmp_path_factory) -> Path:
     """DATA/{train,test}/{cats,dogs}/*.jpg: 24 + 8 images per class, 40x32 px."""
     return make_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def unimplemented_dds() -> bytes:
+    """A DDS header with a pixel format Pillow does not implement: its plugin raises NotImplementedError."""
+    header = struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 0x4) + b"XXXX"
+    return b"DDS " + header + bytes(40) + bytes(256)
 
 
 def stop_after_epoch_1(line: str) -> None:

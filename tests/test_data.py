@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from catdog import data as D
-from conftest import run_cli
+from conftest import run_cli, unimplemented_dds
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 
@@ -58,6 +59,7 @@ def odd_folder(tmp_path) -> Path:
     (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (d / "notes.jpg").write_text("this is not an image")
     (d / "bomb.png").write_bytes(_bomb_png())
+    (d / "odd_format.jpg").write_bytes(unimplemented_dds())
     # files to ignore without a word
     (d / "readme.txt").write_text("ignored")
     base.save(d / ".hidden.jpg")
@@ -65,13 +67,16 @@ def odd_folder(tmp_path) -> Path:
 
 
 def test_odd_files_load_as_rgb_and_broken_ones_are_skipped_with_reasons(odd_folder):
+    os.mkfifo(odd_folder / "things" / "pipe.jpg")  # opening it would wait forever for a writer
     ds = D.load_folder(odd_folder, image_size=16, cache=False, workers=1)
     loaded = {Path(p).name for p in ds.paths}
     assert loaded == {"gray.jpg", "cmyk.jpg", "clear.png", "palette.png", "sixteen.png", "photo.webp",
                       "photo.bmp", "photo.tiff", "anim.gif", "chat_été_猫.jpg"}
     assert ds.images.shape == (10, 16, 16, 3) and ds.images.dtype == np.uint8
     reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
-    assert set(reasons) == {"empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png"}
+    assert set(reasons) == {"empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png", "odd_format.jpg", "pipe.jpg"}
+    assert reasons["pipe.jpg"] == "not a regular file"
+    assert "NotImplementedError" in reasons["odd_format.jpg"]
     assert reasons["empty.jpg"] == "empty file"
     assert "truncated" in reasons["truncated.jpg"]
     assert "not an image" in reasons["notes.jpg"]
@@ -213,7 +218,8 @@ def test_split_is_stratified_seeded_and_disjoint():
 def test_data_check_cli_json(odd_folder):
     out = json.loads(run_cli("data", "check", str(odd_folder), "--json").stdout)
     assert out["loaded"] == 10 and out["classes"] == ["things"]
-    assert {Path(s["path"]).name for s in out["skipped"]} == {"empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png"}
+    assert {Path(s["path"]).name for s in out["skipped"]} == {"empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png",
+                                                             "odd_format.jpg"}
     assert all(s["reason"] for s in out["skipped"])
 
 

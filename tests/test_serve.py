@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # starlette suggests another httpx package; the
     from fastapi.testclient import TestClient
 from catdog.predict import Classifier
 from catdog.serve import DEFAULT_MAX_BYTES, create_app
-from conftest import REPO, launch_chromium
+from conftest import REPO, launch_chromium, unimplemented_dds
 
 PHOTOS = REPO / "data" / "cats_and_dogs" / "test"
 CAT, DOG = PHOTOS / "cats" / "cat.4001.jpg", PHOTOS / "dogs" / "dog.4001.jpg"
@@ -110,6 +110,8 @@ def _bad_requests(bomb: bytes) -> dict:
         "text as an image": (dict(content=b"hello, not a picture", headers={"content-type": "image/png"}), 422, "not an image"),
         "text file upload": (dict(files={"file": ("notes.jpg", b"just text", "image/jpeg")}), 422, "not an image"),
         "truncated JPEG": (dict(content=photo[: len(photo) // 2], headers={"content-type": "image/jpeg"}), 422, "truncated"),
+        "format Pillow cannot decode": (dict(content=unimplemented_dds(), headers={"content-type": "image/jpeg"}), 422,
+                                        "cannot decode"),
         "decompression bomb": (dict(files={"file": ("bomb.png", bomb, "image/png")}), 413, "too many pixels"),
         "raw body over 10 MB": (dict(content=over, headers={"content-type": "image/jpeg"}), 413, "exceeds the limit"),
         "chunked body over 10 MB": (dict(content=(bytes(1 << 20) for _ in range(11)), headers={"content-type": "image/jpeg"}),

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -78,11 +79,7 @@ def open_image(source, max_pixels: int = MAX_PIXELS, draft_size: int | None = No
             raise SkipImage("empty file")
         source = io.BytesIO(source)
     elif isinstance(source, (str, Path)):
-        try:
-            if os.path.getsize(source) == 0:
-                raise SkipImage("empty file")
-        except OSError as e:
-            raise SkipImage(f"cannot read file: {e.strerror or e}") from None
+        _check_regular_file(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -106,6 +103,22 @@ def open_image(source, max_pixels: int = MAX_PIXELS, draft_size: int | None = No
         raise SkipImage(f"possible decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise SkipImage(f"truncated or corrupt image: {e}") from None
+    except MemoryError:
+        raise SkipImage("too large to decode in the memory available") from None
+    except Exception as e:  # a format plugin failing its own way (NotImplementedError, struct.error, ...)
+        raise SkipImage(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+def _check_regular_file(path) -> None:
+    """SkipImage unless `path` is a non-empty regular file: a FIFO or device named *.jpg would block or never end."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SkipImage(f"cannot read file: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SkipImage("not a regular file")
+    if st.st_size == 0:
+        raise SkipImage("empty file")
 
 
 def _plain_jpeg(data: bytes) -> bool:
@@ -157,6 +170,7 @@ def resize_square(img: Image.Image, image_size: int) -> np.ndarray:
 def decode_image(source, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode one image to a (S, S, 3) uint8 array, resized without keeping the aspect ratio (as the seed)."""
     if isinstance(source, (str, Path)):
+        _check_regular_file(source)
         try:
             with open(source, "rb") as f:
                 if f.read(2) == b"\xff\xd8" and os.fstat(f.fileno()).st_size <= MAX_JPEG_BYTES:
