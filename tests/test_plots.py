@@ -66,3 +66,13 @@ def test_training_curves_mark_the_checkpoint_epoch_and_drop_markers_on_long_runs
         assert len(curves) == 2 and all(line.get_marker() in ("None", "", None) for line in curves)
     short = plots.training_curves([1, 2, 3], [0.7, 0.6, 0.5], [0.69, 0.65, 0.6], [0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert all(line.get_marker() in ("o", "s") for ax in short.axes for line in ax.get_lines())
+
+
+def test_dollar_signs_in_names_are_shown_as_written(tmp_path):
+    captions = ["cat$}$.jpg\ncats 80%", "a $x^2$ dog.jpg", "plain.jpg"]
+    fig = plots.cam_gallery(IMAGES[:3], IMAGES[3:], captions, [True, False, None], "title $")
+    plots.save_png(fig, tmp_path / "gallery.png")  # a formula parser would fail on the first caption
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "cat$}$.jpg\ncats 80%" in titles and all(not t.get_parse_math() for ax in fig.axes for t in [ax.title])
+    grid = plots.prediction_grid(IMAGES[:2], Y[:2], P[:2], ["c$ts", "d$gs"], cols=2)
+    plots.save_png(grid, tmp_path / "grid.png")

@@ -5,9 +5,11 @@ display is needed.
 """
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -18,6 +20,16 @@ from catdog import fileio
 
 RIGHT, WRONG = "#1a9850", "#d73027"
 TRAIN, VAL = "#3b6fb6", "#e08214"
+
+
+def _plain_text(draw):
+    """Draw with every text shown as written: file and class names may hold '$', which matplotlib would otherwise
+    read as the start of a formula (and fail on, or typeset)."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+    return wrapper
 
 
 def _figure(w: float, h: float) -> Figure:
@@ -39,6 +51,7 @@ def save_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
+@_plain_text
 def training_curves(epochs, train_loss, val_loss, train_acc, val_acc, marked_epoch: int | None = None,
                     marked_label: str = "checkpoint") -> Figure:
     """Loss and accuracy per epoch, train vs validation (validation left out where it is missing/NaN); a dashed
@@ -70,6 +83,7 @@ def training_curves(epochs, train_loss, val_loss, train_acc, val_acc, marked_epo
     return fig
 
 
+@_plain_text
 def confusion_matrices(cm, classes: list[str], threshold: float = 0.5) -> Figure:
     """The confusion matrix in counts and normalised per true class, side by side."""
     cm = np.asarray(cm, dtype=float)
@@ -92,6 +106,7 @@ def confusion_matrices(cm, classes: list[str], threshold: float = 0.5) -> Figure
     return fig
 
 
+@_plain_text
 def roc_curve(labels, probs, classes: list[str]) -> Figure:
     """The ROC curve of P(classes[1]), with its AUC and the chance diagonal."""
     fig = _figure(5, 4.6)
@@ -117,6 +132,7 @@ def _unit_square(ax, xlabel: str, ylabel: str, title: str, top: float, legend: s
     ax.legend(loc=legend)
 
 
+@_plain_text
 def pr_curve(labels, probs, classes: list[str]) -> Figure:
     """The precision-recall curve of P(classes[1]), with its average precision and the base rate."""
     fig = _figure(5, 4.6)
@@ -131,6 +147,7 @@ def pr_curve(labels, probs, classes: list[str]) -> Figure:
     return fig
 
 
+@_plain_text
 def probability_histogram(labels, probs, classes: list[str], threshold: float = 0.5,
                           val_threshold: float | None = None) -> Figure:
     """Histograms of P(classes[1]) per true class, with the threshold (and the validation one) marked."""
@@ -162,6 +179,7 @@ def _label(ax, text: str, ok: bool | None) -> None:
             s.set_linewidth(3)
 
 
+@_plain_text
 def prediction_grid(images: list, labels, probs, classes: list[str], threshold: float = 0.5, cols: int = 6) -> Figure:
     """Images with their predicted class and its probability, framed green when right, red when wrong."""
     n = len(images)
@@ -178,6 +196,7 @@ def prediction_grid(images: list, labels, probs, classes: list[str], threshold: 
     return fig
 
 
+@_plain_text
 def cam_gallery(images: list, overlays: list, captions: list[str], oks: list[bool | None], title: str,
                 cols: int = 4, map_captions: list[str] | None = None) -> Figure:
     """Pairs of image and class-activation overlay, each pair captioned (green right, red wrong)."""
