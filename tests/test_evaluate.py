@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from catdog.evaluate import choose_threshold, compute_metrics, evaluate, write_evaluation
+from catdog.train import RunError
 
 # Six images, classes ["cats", "dogs"]; probs are P(dogs).
 #   i      0    1    2    3    4    5
@@ -112,3 +113,12 @@ def test_a_run_moved_from_its_training_data_still_evaluates(tiny_run, tiny_data,
     result = evaluate(tmp_path / "moved.pt", tiny_data)
     assert result["n"] == 16 and result["val_threshold"]["threshold"] is None
     assert "cannot be read" in result["val_threshold"]["reason"]
+
+
+def test_a_run_whose_data_has_no_test_split_is_not_scored_on_its_training_images(tiny_run, tiny_data, tmp_path):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=False)
+    ckpt["config"]["data"] = str(tiny_data / "train")  # DATA/<class>/...: no test/ folder under it
+    torch.save(ckpt, tmp_path / "plain.pt")
+    with pytest.raises(RunError, match="no test/ folder"):
+        evaluate(tmp_path / "plain.pt")
+    assert evaluate(tmp_path / "plain.pt", tiny_data / "test")["n"] == 16, "a folder given explicitly is used as is"

@@ -66,6 +66,32 @@ def test_an_existing_run_is_not_overwritten(tiny_data, tmp_path):
     fit(_cfg(tiny_data, out, epochs=1), exist_ok=True, progress=False, log=lambda m: None)
 
 
+def test_overwriting_a_run_clears_its_old_results(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    fit(_cfg(tiny_data, out, epochs=1), progress=False, log=lambda m: None)
+    (out / "plots").mkdir()
+    for name in ("metrics.json", "results.json", "predictions.csv", "report.html", "plots/roc.png"):
+        (out / name).write_text("the old run's")
+    (out / "notes.txt").write_text("mine")
+    fit(_cfg(tiny_data, out, epochs=1, val_fraction=0.0), exist_ok=True, progress=False, log=lambda m: None)
+    assert not [n for n in ("metrics.json", "results.json", "predictions.csv", "report.html", "plots/roc.png")
+                if (out / n).exists()], "nothing of the old run's evaluation is left to pass as the new one's"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "best.pt").exists()
+
+
+def test_a_folder_of_other_files_is_not_overwritten_without_asking(tiny_data, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "history.csv").write_text("my own history")
+    (out / ".draft.tmp").write_text("my draft")
+    with pytest.raises(RunError, match="would overwrite its history.csv"):
+        fit(_cfg(tiny_data, out, epochs=1), progress=False, log=lambda m: None)
+    assert (out / "history.csv").read_text() == "my own history" and (out / ".draft.tmp").exists()
+    (out / "history.csv").unlink()
+    fit(_cfg(tiny_data, out, epochs=1), progress=False, log=lambda m: None)  # other files are no obstacle
+    assert (out / ".draft.tmp").read_text() == "my draft"
+
+
 def test_learns_the_tiny_set(tiny_data, tmp_path):
     summary = fit(_cfg(tiny_data, tmp_path / "run", epochs=6, lr=3e-3), progress=False, log=lambda m: None)
     assert summary["history"][-1]["val_acc"] >= 0.75

@@ -111,6 +111,11 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
     """
     device = resolve_device(device)
     model, meta = load_checkpoint(run_checkpoint(run), device)
+    if data is None and not (Path(meta["config"]["data"]) / split).is_dir() and Path(meta["config"]["data"]).is_dir():
+        # the run's own set without that split is the set it trained on: scoring it would pass training images off
+        # as held-out ones
+        raise RunError(f"the run's data {meta['config']['data']} has no {split}/ folder, and its other images are the "
+                       f"ones it trained on; give the folder to evaluate on: catdog evaluate {run} DATA")
     root = split_dir(data or meta["config"]["data"], split)
     ds = load_folder(root, meta["image_size"], workers=workers, progress=progress)
     if len(ds) == 0:

@@ -60,13 +60,34 @@ def _check_writable(out: Path) -> None:
         raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
 
 
+RUN_MARKERS = ("config.json", "last.pt", "best.pt")  # a folder holding any of these holds a run
+# what a run writes at its top level, besides them; and what is left of an earlier run's evaluation when a new run
+# starts over it (the new run makes its own, or none: stale ones would pass the old model's results off as its own)
+RUN_FILES = ("history.csv", "data.json", "skipped.csv", "metrics.json", "results.json", "predictions.csv",
+             "mistakes.csv", "report.html")
+STALE_RESULTS = ("best.pt", "metrics.json", "results.json", "predictions.csv", "mistakes.csv", "report.html")
+
+
 def check_out_dir(out: Path, exist_ok: bool) -> None:
-    """Refuse to write into a folder that already holds a run, unless asked to."""
+    """Refuse to write into a folder that already holds a run, or files a run would overwrite, unless asked to;
+    when asked to, clear the earlier run's results."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
-    if not exist_ok and any((out / f).exists() for f in ("config.json", "last.pt", "best.pt")):
+    if not exist_ok and any((out / f).exists() for f in RUN_MARKERS):
         raise RunError(f"{out} already holds a run; use --resume {out} to continue it, "
                        f"--exist-ok to overwrite it, or another --out")
+    clash = [f for f in RUN_FILES if (out / f).exists()] + (["plots/"] if (out / "plots").is_dir() else [])
+    if not exist_ok and clash:
+        raise RunError(f"{out} is not a run folder, but a run would overwrite its {', '.join(clash)}; "
+                       f"use another --out, or --exist-ok to overwrite them")
+    if exist_ok:
+        try:
+            for name in STALE_RESULTS:
+                (out / name).unlink(missing_ok=True)
+            for png in (out / "plots").glob("*.png"):
+                png.unlink()
+        except OSError as e:
+            raise RunError(f"cannot clear the earlier run's results in {out}: {e.strerror or e}") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
