@@ -100,3 +100,21 @@ def test_a_closed_pipe_ends_predict_quietly(trained_runs, tiny_data, tmp_path):
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True, env=env,
                           stdin=subprocess.DEVNULL, timeout=120)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_predicted_and_written_back_as_its_bytes(trained_runs, tiny_data, tmp_path):
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/chat_\xe9.jpg"  # Latin-1, as old cameras and zip files name them
+    with open(raw, "wb") as f:
+        f.write(photo.read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LC_ALL": "C.UTF-8"}
+    for out in (None, tmp_path / "rows.csv"):
+        args = ["predict", str(trained_runs["seed"]), str(folder), "--format", "csv", "--no-cache"]
+        args += ["--out", str(out)] if out else []
+        proc = subprocess.run([sys.executable, "-m", "catdog", *args], capture_output=True, env=env,
+                              stdin=subprocess.DEVNULL, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        written = out.read_bytes() if out else proc.stdout
+        assert raw in written, written

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # a file name that is not valid UTF-8 is printed as its own bytes (Python holds them as surrogate escapes)
+        sys.stdout.reconfigure(errors="surrogateescape")
     say = (lambda m: print(m, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda m: None)
     # (under torchrun every rank fails alike: rank 0 alone says so)
     try:
