@@ -119,3 +119,16 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_written_back_as_its_bytes
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")
         written = out.read_bytes() if out else proc.stdout
         assert raw in written, written
+
+
+def test_inputs_with_the_longest_names_get_their_maps_written(capsys, trained_runs, tiny_data, tmp_path):
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    long_ascii, long_cjk = tmp_path / ("a" * 250 + ".jpg"), tmp_path / ("猫" * 83 + ".jpg")  # 254 and 253 bytes
+    for p in (long_ascii, long_cjk):
+        p.write_bytes(photo.read_bytes())
+    assert main(["explain", str(trained_runs["seed"]), str(long_ascii), str(long_cjk), "--out", str(tmp_path / "o")]) == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 2
+    assert main(["predict", str(trained_runs["seed"]), str(long_cjk), "--cam", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "rows.csv")]) == 0
+    assert len(list((tmp_path / "c").glob("*.png"))) == 1
+    capsys.readouterr()

@@ -34,3 +34,12 @@ def test_text_keeps_the_bytes_of_an_undecodable_file_name(tmp_path):
     out = tmp_path / "rows.csv"
     fileio.write_text(out, f"{name},cats\n")
     assert out.read_bytes() == b"chat_\xe9.jpg,cats\n"
+
+
+def test_cut_name_keeps_whole_characters_within_the_byte_limit():
+    assert fileio.cut_name("short.png", 200) == "short.png"
+    assert fileio.cut_name("a" * 300, 200) == "a" * 200
+    cut = fileio.cut_name("猫" * 100, 200)  # 3 bytes each: 66 whole characters fit
+    assert cut == "猫" * 66 and len(cut.encode()) == 198
+    latin1 = os.fsdecode(b"\xe9" * 300)  # never UTF-8: kept byte for byte up to the limit
+    assert os.fsencode(fileio.cut_name(latin1, 200)) == b"\xe9" * 200

@@ -169,7 +169,7 @@ def explain_files(run, paths: list, out, method: str = "gradcam", target_layer: 
         cams, probs, cls = cams_for_images(model, np.stack(arrays), method, target_layer)
         used: set[str] = set()
         for path, img, cam, p, k in zip(kept, shown, cams, probs, cls):
-            name = f"{Path(path).stem}-{method}"
+            name = f"{fileio.cut_name(Path(path).stem, 200)}-{method}"  # within the 255-byte limit for a name
             while name in used:  # two inputs with the same file name in different folders
                 name += "_"
             used.add(name)

@@ -21,13 +21,26 @@ def _umask() -> int:
 UMASK = _umask()  # read once: os.umask can only be read by setting it
 
 
+def cut_name(name: str, max_bytes: int) -> str:
+    """`name` cut to at most max_bytes bytes as the file system stores it, never inside a character."""
+    raw = os.fsencode(name)
+    if len(raw) <= max_bytes:
+        return name
+    cut = raw[:max_bytes]
+    while cut:
+        try:
+            cut.decode("utf-8")
+            break
+        except UnicodeDecodeError as e:
+            if e.start < len(cut) - 3:  # a bad byte well inside (a name that was never UTF-8): keep it as it is
+                break
+            cut = cut[:e.start]  # a character cut at the end
+    return os.fsdecode(cut)
+
+
 def _temp_prefix(name: str) -> str:
     """'.NAME.' with NAME cut so the temp file's name stays within the usual 255-byte limit."""
-    raw = os.fsencode(name)
-    if len(raw) > 200:
-        name = os.fsdecode(raw[:200]).rstrip("\udcff")  # a cut multi-byte character decodes as surrogates
-        name = "".join(c for c in name if not "\udc80" <= c <= "\udcff")
-    return f".{name}."
+    return f".{cut_name(name, 200)}."
 
 
 @contextlib.contextmanager

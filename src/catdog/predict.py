@@ -418,7 +418,7 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
         for row in predict_stream(clf, iter_inputs(inputs), chunk=chunk, cams=cam_dir is not None, store=store):
             counts[row["error"] is not None] += 1
             if "cam_map" in row:
-                stem = re.sub(r"[^\w.-]+", "_", Path(row["path"]).stem)[:80]
+                stem = fileio.cut_name(re.sub(r"[^\w.-]+", "_", Path(row["path"]).stem)[:80], 200)
                 cam_path = Path(cam_dir) / f"{sum(counts):06d}-{stem}.png"
                 try:
                     fileio.write_bytes(cam_path, cam_overlay_png(row["path"], row.pop("cam_map")))
