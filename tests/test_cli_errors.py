@@ -132,3 +132,11 @@ def test_inputs_with_the_longest_names_get_their_maps_written(capsys, trained_ru
                  "--out", str(tmp_path / "rows.csv")]) == 0
     assert len(list((tmp_path / "c").glob("*.png"))) == 1
     capsys.readouterr()
+
+
+def test_explaining_a_layer_without_a_spatial_map_is_a_clear_error(capsys, trained_runs, tiny_data, tmp_path):
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    for layer in ("classifier.3", "classifier.1"):  # the output layer and the dense layer: (B, n) activations
+        err = _fails(capsys, "explain", str(trained_runs["seed"]), str(photo), "--out", str(tmp_path / "o"),
+                     "--layer", layer)
+        assert "no spatial map" in err, err

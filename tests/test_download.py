@@ -78,3 +78,26 @@ def test_unsafe_zip_members_are_refused(tmp_path):
         unpack(bad, tmp_path / "into")
     assert not (tmp_path.parent / "escape.txt").exists()
     shutil.rmtree(tmp_path / "into")
+
+
+def test_damaged_archives_are_clear_errors(tmp_path):
+    from catdog.data import DataError
+    from catdog.download import unpack
+
+    good_zip = tmp_path / "good.zip"
+    with zipfile.ZipFile(good_zip, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("cats/a.jpg", bytes(range(256)) * 64)
+    data = bytearray(good_zip.read_bytes())
+    data[60:80] = bytes(20)  # inside the member's compressed bytes: its CRC no longer matches
+    (tmp_path / "badcrc.zip").write_bytes(bytes(data))
+    good_tar = tmp_path / "good.tar.gz"
+    with tarfile.open(good_tar, "w:gz") as t:
+        member = tmp_path / "a.jpg"
+        member.write_bytes(bytes(range(256)) * 256)
+        t.add(member, "cats/a.jpg")
+    (tmp_path / "trunc.tar.gz").write_bytes(good_tar.read_bytes()[: good_tar.stat().st_size // 2])
+    for name in ("badcrc.zip", "trunc.tar.gz"):
+        into = tmp_path / f"into-{name}"
+        into.mkdir()
+        with pytest.raises(DataError, match="damaged or truncated"):
+            unpack(tmp_path / name, into)

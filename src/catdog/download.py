@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import lzma
 import shutil
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from catdog.data import DataError, is_image_file
@@ -44,6 +46,15 @@ def fetch(url: str, dest: Path, sha256: str | None = None, timeout: float = 60, 
 
 def unpack(archive: Path, into: Path) -> None:
     """Unpack a .zip or .tar(.gz/.bz2/.xz) archive, refusing members that would land outside `into`."""
+    try:
+        _unpack(archive, into)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
+        if isinstance(e, OSError) and e.filename is not None:  # the disk, not the archive: say so as it is
+            raise
+        raise DataError(f"{archive.name} is damaged or truncated ({type(e).__name__}: {e}); download it again") from None
+
+
+def _unpack(archive: Path, into: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             for name in z.namelist():

@@ -102,8 +102,15 @@ def _raw_maps(twin: nn.Module, x: Tensor, method: str, layer: str, class_idx: li
     with extractor:
         with torch.set_grad_enabled(method not in ("cam", "scorecam")):
             scores = twin(x.clone())  # (B, 2)
-            maps = extractor(class_idx, scores)[0].detach().float()  # (B, h, w)
+            try:
+                maps = extractor(class_idx, scores)[0].detach().float()  # (B, h, w)
+            except (IndexError, RuntimeError) as e:  # a layer whose output is not a (B, C, h, w) map
+                raise CamUnavailable(f"layer {layer!r} gives no spatial map to explain ({e}); choose a "
+                                     f"convolutional layer") from None
             acts = extractor.hook_a[0].detach().float()  # (B, C, h, w)
+            if acts.ndim != 4:
+                raise CamUnavailable(f"layer {layer!r} gives no spatial map to explain (its output has shape "
+                                     f"{tuple(acts.shape)}); choose a convolutional layer")
     return torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0), acts
 
 
