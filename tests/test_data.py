@@ -239,3 +239,11 @@ def test_a_missing_embedded_set_says_how_to_get_one(tmp_path, monkeypatch):
 def test_data_check_cli_missing_folder_is_a_clear_error(tmp_path):
     proc = run_cli("data", "check", str(tmp_path / "nope"), check=False)
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_check_of_a_dataset_root_checks_each_split(tiny_data):
+    out = json.loads(run_cli("data", "check", str(tiny_data), "--json").stdout)
+    assert set(out["splits"]) == {"train", "test"} and out["classes"] == ["cats", "dogs"]
+    assert out["splits"]["train"]["loaded"] == 48 and out["splits"]["test"]["loaded"] == 16 and out["loaded"] == 64
+    text = run_cli("data", "check", str(tiny_data)).stdout
+    assert "train: 48 images load (cats: 24, dogs: 24)" in text and "test: 16 images load (cats: 8, dogs: 8)" in text

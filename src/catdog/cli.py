@@ -167,15 +167,27 @@ def _data_download(args) -> int:
 def _data_check(args) -> int:
     from catdog.data import load_folder, skip_summary
 
-    ds = load_folder(args.dir, args.image_size, cache=False, workers=args.workers, progress=not args.json)
+    # a dataset root (DIR/train, DIR/test) is checked split by split, as train and evaluate will read it
+    splits = [name for name in ("train", "test") if (Path(args.dir) / name).is_dir()]
+    folders = [(name, Path(args.dir) / name) for name in splits] or [(None, Path(args.dir))]
+    sets = {name: load_folder(folder, args.image_size, cache=False, workers=args.workers, progress=not args.json)
+            for name, folder in folders}
     if args.json:
-        print(json.dumps({"loaded": len(ds), "skipped": ds.skipped, "classes": ds.classes}))
+        info = {name: {"loaded": len(ds), "skipped": ds.skipped, "classes": ds.classes} for name, ds in sets.items()}
+        print(json.dumps(info[None] if None in info else {
+            "loaded": sum(len(ds) for ds in sets.values()), "skipped": [s for ds in sets.values() for s in ds.skipped],
+            "classes": sets[splits[0]].classes, "splits": info}))
     else:
-        counts = ", ".join(f"{c}: {int((ds.labels == i).sum())}" for i, c in enumerate(ds.classes))
-        print(f"{args.dir}: {len(ds)} images load ({counts}); {skip_summary(ds.skipped)}")
-        for s in ds.skipped:
-            print(f"  skipped {s['path']}: {s['reason']}")
-    return 0 if len(ds) else 1
+        for name, folder in folders:
+            ds = sets[name]
+            counts = ", ".join(f"{c}: {int((ds.labels == i).sum())}" for i, c in enumerate(ds.classes))
+            print(f"{folder}: {len(ds)} images load ({counts}); {skip_summary(ds.skipped)}")
+            for s in ds.skipped:
+                print(f"  skipped {s['path']}: {s['reason']}")
+    if len({tuple(ds.classes) for ds in sets.values()}) > 1:
+        print("catdog: warning: the splits have different classes: "
+              + "; ".join(f"{name}: {', '.join(ds.classes)}" for name, ds in sets.items()), file=sys.stderr)
+    return 0 if all(len(ds) for ds in sets.values()) else 1
 
 
 def _predict(args) -> int:
