@@ -140,3 +140,11 @@ def test_explaining_a_layer_without_a_spatial_map_is_a_clear_error(capsys, train
         err = _fails(capsys, "explain", str(trained_runs["seed"]), str(photo), "--out", str(tmp_path / "o"),
                      "--layer", layer)
         assert "no spatial map" in err, err
+
+
+def test_a_damaged_config_json_is_named(capsys, trained_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["seed"], run)
+    (run / "config.json").write_text('{"model": "seed",')  # cut short
+    for argv in (["train", "--resume", str(run)], ["report", str(run)]):
+        assert f"{run / 'config.json'} is damaged" in _fails(capsys, *argv)

@@ -137,7 +137,10 @@ def _report(args) -> int:
     run = Path(args.run)
     if not (run / "config.json").exists():
         raise RunError(f"not a run folder (no config.json): {run}")
-    cfg = json.loads((run / "config.json").read_text())
+    try:
+        cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{run / 'config.json'} is damaged ({e})") from None
     if (args.evaluate or not (run / "metrics.json").exists()) and has_test_split(cfg["data"]):
         evaluate_run(run)
     else:

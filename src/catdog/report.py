@@ -178,7 +178,12 @@ def _img(path: Path, alt: str, width: int | None = None) -> str:
 
 
 def _load_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e})") from None
 
 
 def _metrics_section(m: dict) -> str:
