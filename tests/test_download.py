@@ -101,3 +101,21 @@ def test_damaged_archives_are_clear_errors(tmp_path):
         into.mkdir()
         with pytest.raises(DataError, match="damaged or truncated"):
             unpack(tmp_path / name, into)
+
+
+def test_an_archive_larger_than_the_free_disk_is_refused_before_unpacking(tmp_path, monkeypatch):
+    import collections
+
+    from catdog import download
+    from catdog.data import DataError
+
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("cats/a.jpg", bytes(1 << 20))  # 1 MiB of zeros: a few KiB packed
+    into = tmp_path / "into"
+    into.mkdir()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(DataError, match="more than the"):
+        download.unpack(archive, into)
+    assert list(into.iterdir()) == []

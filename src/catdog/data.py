@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -194,6 +195,12 @@ def _decode_many(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | No
     return out
 
 
+def _leave_ctrl_c_to_the_parent() -> None:
+    """In a decoding worker: ignore Ctrl-C, which the whole process group receives; the parent stops the pool and
+    reports the interrupt once, instead of every worker printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def decode_files(paths: list[str], image_size: int, workers: int = 0, max_pixels: int = MAX_PIXELS,
                  progress: bool = False) -> tuple[list[np.ndarray | None], list[str | None]]:
     """Decode many files, in parallel worker processes when it pays; returns (arrays, reasons)."""
@@ -206,7 +213,7 @@ def decode_files(paths: list[str], image_size: int, workers: int = 0, max_pixels
         bar = tqdm(total=len(paths), desc="decode", unit="img", leave=False)
     results: list[tuple[np.ndarray | None, str | None]] = []
     if workers > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=_leave_ctrl_c_to_the_parent) as pool:
             for part in pool.map(_decode_many, chunks):
                 results.extend(part)
                 bar and bar.update(len(part))

@@ -54,9 +54,18 @@ def unpack(archive: Path, into: Path) -> None:
         raise DataError(f"{archive.name} is damaged or truncated ({type(e).__name__}: {e}); download it again") from None
 
 
+def _check_room(unpacked_bytes: int, into: Path) -> None:
+    """Refuse an archive that would not fit on the disk (a zip bomb, or simply too large) before unpacking it."""
+    free = shutil.disk_usage(into).free
+    if unpacked_bytes > free:
+        raise DataError(f"the archive unpacks to {unpacked_bytes / 2**30:.1f} GiB, more than the "
+                        f"{free / 2**30:.1f} GiB free in {into}")
+
+
 def _unpack(archive: Path, into: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
+            _check_room(sum(info.file_size for info in z.infolist()), into)
             for name in z.namelist():
                 target = (into / name).resolve()
                 if not target.is_relative_to(into.resolve()):
@@ -64,6 +73,7 @@ def _unpack(archive: Path, into: Path) -> None:
             z.extractall(into)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as t:
+            _check_room(sum(m.size for m in t.getmembers()), into)
             try:
                 t.extractall(into, filter="data")  # no absolute paths, no '..', no devices or links outside
             except tarfile.FilterError as e:
