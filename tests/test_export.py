@@ -72,3 +72,14 @@ def test_export_cli(trained_runs, tmp_path):
     assert proc.returncode == 2 and "already an ONNX file" in proc.stderr
     proc = run_cli("export", str(tmp_path / "nothing"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("catdog: error:")
+
+
+def test_onnx_input_is_the_contiguous_scaled_image():
+    import numpy as np
+
+    from catdog.predict import onnx_input
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)
+    x = onnx_input(images)
+    assert x.shape == (5, 3, 7, 9) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+    assert np.array_equal(x, images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from catdog import fileio
 from catdog.model import load_checkpoint, predict_probs
-from catdog.predict import ONNX_INPUT, ONNX_OUTPUT, resolve_model
+from catdog.predict import ONNX_INPUT, ONNX_OUTPUT, onnx_input, resolve_model
 
 OPSET = 17
 ATOL = 1e-5  # largest allowed |P_onnx - P_torch| over the check batch; float32 kernels differ by ~1e-7 here
@@ -53,8 +53,7 @@ def _onnx_probs(model_bytes: bytes, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    return sess.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0][:, 1]
+    return sess.run([ONNX_OUTPUT], {ONNX_INPUT: onnx_input(images)})[0][:, 1]
 
 
 def export_onnx(run: str | Path, out: str | Path | None = None, atol: float = ATOL, n_check: int = 16,
