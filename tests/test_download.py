@@ -119,3 +119,20 @@ def test_an_archive_larger_than_the_free_disk_is_refused_before_unpacking(tmp_pa
     with pytest.raises(DataError, match="more than the"):
         download.unpack(archive, into)
     assert list(into.iterdir()) == []
+
+
+def test_a_full_disk_while_unpacking_is_not_called_a_damaged_archive(tmp_path, monkeypatch):
+    import errno
+
+    from catdog import download
+
+    archive = tmp_path / "ok.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("cats/a.jpg", b"x")
+    (tmp_path / "into").mkdir()
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", full)
+    with pytest.raises(OSError, match="No space left"):
+        download.unpack(archive, tmp_path / "into")

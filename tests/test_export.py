@@ -83,3 +83,10 @@ def test_onnx_input_is_the_contiguous_scaled_image():
     x = onnx_input(images)
     assert x.shape == (5, 3, 7, 9) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
     assert np.array_equal(x, images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+
+
+def test_the_seed_network_exports_its_pools_as_maxpool(trained_runs, tmp_path):
+    """The inference shortcut of MaxPool2x2 (strided maxima) is for PyTorch; ONNX Runtime runs MaxPool far faster."""
+    export_onnx(trained_runs["seed"], tmp_path / "m.onnx")
+    ops = [node.op_type for node in onnx.load(tmp_path / "m.onnx").graph.node]
+    assert ops.count("MaxPool") == 2 and "Max" not in ops

@@ -43,3 +43,9 @@ def test_cut_name_keeps_whole_characters_within_the_byte_limit():
     assert cut == "猫" * 66 and len(cut.encode()) == 198
     latin1 = os.fsdecode(b"\xe9" * 300)  # never UTF-8: kept byte for byte up to the limit
     assert os.fsencode(fileio.cut_name(latin1, 200)) == b"\xe9" * 200
+
+
+def test_a_private_file_stays_readable_by_its_owner_only(tmp_path):
+    with fileio.atomic_open(tmp_path / "cache.npz", "wb", private=True) as f:
+        f.write(b"decoded photos")
+    assert _mode(tmp_path / "cache.npz") == 0o600

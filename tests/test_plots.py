@@ -74,5 +74,9 @@ def test_dollar_signs_in_names_are_shown_as_written(tmp_path):
     plots.save_png(fig, tmp_path / "gallery.png")  # a formula parser would fail on the first caption
     titles = [ax.get_title() for ax in fig.axes]
     assert "cat$}$.jpg\ncats 80%" in titles and all(not t.get_parse_math() for ax in fig.axes for t in [ax.title])
-    grid = plots.prediction_grid(IMAGES[:2], Y[:2], P[:2], ["c$ts", "d$gs"], cols=2)
+    grid = plots.prediction_grid(IMAGES[:2], Y[:2], P[:2], ["c$a$ts", "d$}$gs"], cols=2)
     plots.save_png(grid, tmp_path / "grid.png")
+    assert not [t for ax in grid.axes for t in [ax.title, *ax.texts] if t.get_parse_math()]
+    for fig in (plots.confusion_matrices([[1, 2], [3, 4]], ["c$a$ts", "d$}$gs"]),
+                plots.roc_curve(Y, P, ["c$a$ts", "d$}$gs"]), plots.probability_histogram(Y, P, ["c$}$", "d"])):
+        plots.save_png(fig, tmp_path / "f.png")

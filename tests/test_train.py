@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from catdog.config import TrainConfig
+from catdog.data import DataError
 from catdog.train import RunError, fit
 from conftest import stop_after_epoch_1
 
@@ -70,13 +71,25 @@ def test_overwriting_a_run_clears_its_old_results(tiny_data, tmp_path):
     out = tmp_path / "run"
     fit(_cfg(tiny_data, out, epochs=1), progress=False, log=lambda m: None)
     (out / "plots").mkdir()
-    for name in ("metrics.json", "results.json", "predictions.csv", "report.html", "plots/roc.png"):
+    old = ("metrics.json", "results.json", "predictions.csv", "report.html", "plots/roc.png")
+    for name in old:
         (out / name).write_text("the old run's")
     (out / "notes.txt").write_text("mine")
+    (out / "plots" / "my_figure.png").write_text("mine")
+    # a re-run that cannot start (no such data) leaves the old run as it was
+    with pytest.raises(DataError):
+        fit(_cfg(tmp_path / "no-such-data", out, epochs=1), exist_ok=True, progress=False, log=lambda m: None)
+    assert all((out / n).exists() for n in old + ("best.pt",))
     fit(_cfg(tiny_data, out, epochs=1, val_fraction=0.0), exist_ok=True, progress=False, log=lambda m: None)
-    assert not [n for n in ("metrics.json", "results.json", "predictions.csv", "report.html", "plots/roc.png")
-                if (out / n).exists()], "nothing of the old run's evaluation is left to pass as the new one's"
-    assert (out / "notes.txt").read_text() == "mine" and (out / "best.pt").exists()
+    assert not [n for n in old if (out / n).exists()], "nothing of the old run's evaluation is left to pass as the new one's"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "my_figure.png").read_text() == "mine"
+    assert (out / "best.pt").exists()
+
+
+def test_the_plots_a_new_run_clears_are_the_ones_the_report_writes():
+    from catdog import report, train
+
+    assert set(train.PLOT_FILES) == {name for name, _, _ in report.PLOTS}
 
 
 def test_a_folder_of_other_files_is_not_overwritten_without_asking(tiny_data, tmp_path):

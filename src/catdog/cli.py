@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from catdog.config import MODELS, TrainConfig
@@ -172,6 +173,7 @@ def _data_check(args) -> int:
 
     # a dataset root (DIR/train, DIR/test) is checked split by split, as train and evaluate will read it
     splits = [name for name in ("train", "test") if (Path(args.dir) / name).is_dir()]
+    splits = splits if "train" in splits else []  # without train/, training reads the whole folder
     folders = [(name, Path(args.dir) / name) for name in splits] or [(None, Path(args.dir))]
     sets = {name: load_folder(folder, args.image_size, cache=False, workers=args.workers, progress=not args.json)
             for name, folder in folders}
@@ -361,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         # a file name that is not valid UTF-8 is printed as its own bytes (Python holds them as surrogate escapes)
         sys.stdout.reconfigure(errors="surrogateescape")
-    say = (lambda m: print(m, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda m: None)
-    # (under torchrun every rank fails alike: rank 0 alone says so)
+    rank = os.environ.get("RANK", "0")
+    # a bad argument fails every rank alike under torchrun: rank 0 alone says so; anything else each rank says
+    say = (lambda m: print(m, file=sys.stderr)) if rank == "0" else (lambda m: None)
+    say_any = lambda m: print(m if rank == "0" else f"[rank {rank}] {m}", file=sys.stderr)
+    started = time.time()
     try:
         return args.func(args)
     except (DataError, _run_error(), FileNotFoundError, ValueError) as e:
@@ -372,15 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit stays quiet
         return 141
     except OSError as e:  # a path that cannot be made, read or written (a file where a folder should be, ...)
-        say(f"catdog: error: {e.strerror}: {e.filename}" if e.strerror and e.filename else f"catdog: error: {e}")
+        say_any(f"catdog: error: {e.strerror}: {e.filename}" if e.strerror and e.filename else f"catdog: error: {e}")
         return 2
     except KeyboardInterrupt:
         run = getattr(args, "resume", None) or getattr(args, "out", None)
-        resumable = args.command == "train" and run and os.path.exists(os.path.join(run, "last.pt"))
+        last = os.path.join(run, "last.pt") if args.command == "train" and run else None
+        # resumable: this run saved something (an earlier run's last.pt in an --exist-ok folder is not this run)
+        resumable = last and os.path.exists(last) and (args.resume or os.path.getmtime(last) >= started)
         say("catdog: interrupted" + (f"; resume with: catdog train --resume {run}" if resumable else ""))
         return 130
     except Exception as e:  # a bug: one line, and the traceback when asked for
         if os.environ.get("CATDOG_DEBUG"):
             raise
-        say(f"catdog: internal error: {type(e).__name__}: {e} (set CATDOG_DEBUG=1 for the traceback)")
+        say_any(f"catdog: internal error: {type(e).__name__}: {e} (set CATDOG_DEBUG=1 for the traceback)")
         return 1

@@ -307,7 +307,7 @@ def load_folder(root: str | Path, image_size: int = 64, cache: bool | str | Path
         try:
             meta = json.dumps({"keep": keep, "skipped_at": [[i, reasons[i]] for i, a in enumerate(arrays) if a is None],
                                "classes": classes})
-            with fileio.atomic_open(cache_file, "wb") as f:
+            with fileio.atomic_open(cache_file, "wb", private=True) as f:
                 np.savez(f, images=images, labels=labels, meta=np.array(meta))
         except OSError:
             pass  # a read-only cache folder only costs speed

@@ -49,7 +49,9 @@ def unpack(archive: Path, into: Path) -> None:
     try:
         _unpack(archive, into)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
-        if isinstance(e, OSError) and e.filename is not None:  # the disk, not the archive: say so as it is
+        # a decompressor's complaint (bad gzip or bz2 data) is an OSError without an errno; one with an errno
+        # (no space left, a quota, permissions) is the disk's, and is reported as it is
+        if isinstance(e, OSError) and e.errno is not None:
             raise
         raise DataError(f"{archive.name} is damaged or truncated ({type(e).__name__}: {e}); download it again") from None
 

@@ -44,22 +44,25 @@ def _temp_prefix(name: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "wb", private: bool = False) -> Iterator[IO]:
     """Open a temp file beside `path`; on success it replaces `path`, on error it is removed.
 
     The file gets the permissions a plain open() would give it: those of the file it replaces, else 0666 less the
-    umask (mkstemp's own 0600 would hide exports and reports from other users). Text is UTF-8; characters that
-    stand for undecodable bytes in file names (surrogate escapes) are written back as those bytes.
+    umask (mkstemp's own 0600 would hide exports and reports from other users); `private` keeps it 0600 (caches of
+    decoded photos). Text is UTF-8; characters that stand for undecodable bytes in file names (surrogate escapes)
+    are written back as those bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX)
     try:
-        try:
-            perms = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            perms = 0o666 & ~UMASK
-        os.fchmod(fd, perms)
+        if not private:
+            try:
+                perms = stat.S_IMODE(os.stat(path).st_mode) & 0o777  # no setuid/setgid/sticky bits
+            except OSError:
+                perms = 0o666 & ~UMASK
+            with contextlib.suppress(OSError, AttributeError):  # file systems without modes (FAT), no fchmod
+                os.fchmod(fd, perms)
         text = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
         with os.fdopen(fd, mode, **({} if "b" in mode else text)) as f:
             yield f

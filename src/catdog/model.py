@@ -121,7 +121,7 @@ def read_torch_file(path: Path, device: str = "cpu") -> dict:
 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
-    except IsADirectoryError:
+    except (IsADirectoryError, torch.cuda.OutOfMemoryError):  # not the file's fault
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, TypeError,
             AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as e:

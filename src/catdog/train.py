@@ -66,11 +66,15 @@ RUN_MARKERS = ("config.json", "last.pt", "best.pt")  # a folder holding any of t
 RUN_FILES = ("history.csv", "data.json", "skipped.csv", "metrics.json", "results.json", "predictions.csv",
              "mistakes.csv", "report.html")
 STALE_RESULTS = ("best.pt", "metrics.json", "results.json", "predictions.csv", "mistakes.csv", "report.html")
+PLOT_FILES = ("curves.png", "confusion.png", "roc.png", "pr.png", "histogram.png", "samples.png", "cams.png",
+              "mistakes.png")  # what catdog.report writes into RUN/plots/ (a test keeps the two in step)
 
 
 def check_out_dir(out: Path, exist_ok: bool) -> None:
-    """Refuse to write into a folder that already holds a run, or files a run would overwrite, unless asked to;
-    when asked to, clear the earlier run's results."""
+    """Refuse to write into a folder that already holds a run, or files a run would overwrite, unless asked to.
+
+    Nothing is deleted here: a new run clears the earlier run's results (clear_stale_results) only once it has
+    loaded its data and written its own first files, so a re-run that fails to start leaves the old run whole."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
     if not exist_ok and any((out / f).exists() for f in RUN_MARKERS):
@@ -80,19 +84,21 @@ def check_out_dir(out: Path, exist_ok: bool) -> None:
     if not exist_ok and clash:
         raise RunError(f"{out} is not a run folder, but a run would overwrite its {', '.join(clash)}; "
                        f"use another --out, or --exist-ok to overwrite them")
-    if exist_ok:
-        try:
-            for name in STALE_RESULTS:
-                (out / name).unlink(missing_ok=True)
-            for png in (out / "plots").glob("*.png"):
-                png.unlink()
-        except OSError as e:
-            raise RunError(f"cannot clear the earlier run's results in {out}: {e.strerror or e}") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create {out}: {e.strerror or e}") from None
     _check_writable(out)
+
+
+def clear_stale_results(out: Path) -> None:
+    """Delete what an earlier run in `out` left of its evaluation (best.pt, metrics, report, catdog's plots)."""
+    for name in STALE_RESULTS:
+        (out / name).unlink(missing_ok=True)
+    plots = out / "plots"
+    if plots.is_dir() and not plots.is_symlink():
+        for name in PLOT_FILES:
+            (plots / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -305,6 +311,8 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     if not resume and ranks.main:
         # the run folder is complete from the start: last.pt at epoch 0 makes even a first-epoch crash resumable
         with saving(out, "the run could not start"):
+            if exist_ok:  # over an earlier run (the folder is ours under the lock): its results are not this run's
+                clear_stale_results(out)
             fileio.write_text(out / "config.json", cfg.to_json())
             fileio.write_text(out / "data.json", json.dumps(dataset_summary(data, tr_idx, val_idx, cfg.data), indent=2))
             write_skipped(out / "skipped.csv", data.skipped)
