@@ -109,8 +109,7 @@ def confusion_matrices(cm, classes: list[str], threshold: float = 0.5) -> Figure
 @_plain_text
 def roc_curve(labels, probs, classes: list[str]) -> Figure:
     """The ROC curve of P(classes[1]), with its AUC and the chance diagonal."""
-    fig = _figure(5, 4.6)
-    ax = fig.subplots()
+    fig, ax = _square_axes()
     fpr, tpr, _ = skm.roc_curve(labels, probs)
     auc = skm.roc_auc_score(labels, probs)
     ax.plot(fpr, tpr, color=TRAIN, lw=2, label=f"model (AUC = {auc:.3f})")
@@ -118,6 +117,12 @@ def roc_curve(labels, probs, classes: list[str]) -> Figure:
     _unit_square(ax, f"false positive rate ({classes[0]} called {classes[1]})", f"true positive rate ({classes[1]} found)",
                  f"ROC curve, positive class: {classes[1]}", top=1.01, legend="lower right")
     return fig
+
+
+def _square_axes():
+    """The figure and axes of the ROC and precision-recall plots."""
+    fig = _figure(5, 4.6)
+    return fig, fig.subplots()
 
 
 def _unit_square(ax, xlabel: str, ylabel: str, title: str, top: float, legend: str) -> None:
@@ -135,8 +140,7 @@ def _unit_square(ax, xlabel: str, ylabel: str, title: str, top: float, legend: s
 @_plain_text
 def pr_curve(labels, probs, classes: list[str]) -> Figure:
     """The precision-recall curve of P(classes[1]), with its average precision and the base rate."""
-    fig = _figure(5, 4.6)
-    ax = fig.subplots()
+    fig, ax = _square_axes()
     precision, recall, _ = skm.precision_recall_curve(labels, probs)
     ap = skm.average_precision_score(labels, probs)
     base = float(np.mean(np.asarray(labels) == 1))
