@@ -132,16 +132,13 @@ def _explain(args) -> int:
 
 
 def _report(args) -> int:
-    from catdog.report import evaluate_run, has_test_split, write_report
+    from catdog.report import evaluate_run, has_test_split, load_json, write_report
     from catdog.train import RunError
 
     run = Path(args.run)
-    if not (run / "config.json").exists():
+    cfg = load_json(run / "config.json")
+    if cfg is None:
         raise RunError(f"not a run folder (no config.json): {run}")
-    try:
-        cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{run / 'config.json'} is damaged ({e})") from None
     if (args.evaluate or not (run / "metrics.json").exists()) and has_test_split(cfg["data"]):
         evaluate_run(run)
     else:

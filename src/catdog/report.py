@@ -177,7 +177,8 @@ def _img(path: Path, alt: str, width: int | None = None) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}"{w}>'
 
 
-def _load_json(path: Path) -> dict | None:
+def load_json(path: Path) -> dict | None:
+    """A run's JSON file, None when it is missing; a ValueError naming it when it is damaged."""
     if not path.exists():
         return None
     try:
@@ -234,9 +235,9 @@ def _dataset_section(data: dict | None, m: dict | None, skipped: list[dict]) -> 
 def render_report(run: str | Path) -> str:
     """The report of a run folder as one self-contained HTML string (no external resource)."""
     run = Path(run)
-    cfg = _load_json(run / "config.json") or {}
-    data = _load_json(run / "data.json")
-    m = _load_json(run / "metrics.json")
+    cfg = load_json(run / "config.json") or {}
+    data = load_json(run / "data.json")
+    m = load_json(run / "metrics.json")
     skipped = list(csv.DictReader((run / "skipped.csv").open(encoding="utf-8"))) if (run / "skipped.csv").exists() else []
     history = _read_history(run)
     name = run.resolve().name
