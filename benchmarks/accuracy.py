@@ -44,6 +44,7 @@ ABLATIONS: dict[str, dict] = {
     "evaluated at the training size (eval_scale 1)": {"eval_scale": 1.0},
     "no progressive resizing (180 epochs at 96 px)": {"progressive": 0.0, "epochs": 180},
     "batch 32 (lr 2e-3, 210 epochs)": {"batch_size": 32, "lr": 2e-3, "epochs": 210},
+    "training images decoded at 4/3 of the image size (128 px)": {"decode_scale": 4 / 3},
 }
 NOTES_HEADING = "## How the recipe was chosen"
 RECIPE_KEYS = ("image_size", "eval_scale", "progressive", "epochs", "batch_size", "lr", "optimizer", "schedule",

@@ -33,7 +33,7 @@ RECIPES: dict[str, dict] = {
     # The seed's recipe, as in seed_keras.py: Adam 1e-3, batch 32, 25 epochs, shear/zoom/flip.
     "seed": dict(epochs=25, batch_size=32, lr=1e-3, weight_decay=0.0, optimizer="adam", schedule="constant",
                  image_size=64, label_smoothing=0.0, shear=0.2, zoom=0.2, crop=0.0, jitter=0.0, erase=0.0, mix=0.0,
-                 ema=0.0, tta=False, bf16=False, eval_scale=1.0, progressive=0.0),
+                 ema=0.0, tta=False, bf16=False, eval_scale=1.0, progressive=0.0, decode_scale=1.0),
     # The default from-scratch recipe, chosen on validation accuracy (benchmarks/accuracy.md): 96 px input
     # (48 px at first, growing), random-resized crop + flip + colour jitter + mixup/cutmix, AdamW with a one-cycle
     # schedule, bf16 autocast.
@@ -72,6 +72,7 @@ class TrainConfig:
     tta: bool = True  # average predictions over the image and its horizontal flip
     eval_scale: float = EVAL_SCALE  # validation and inference input size = image_size x eval_scale (resnet only)
     progressive: float = 0.5  # training input starts at this share of image_size and grows to it (0 = off)
+    decode_scale: float = 1.0  # training images are decoded at image_size x decode_scale; crops resample from that
     val_fraction: float = 0.1  # stratified share of train held out to choose the checkpoint
     seed: int = 0  # seeds the split, the shuffling, the augmentation and the weights
     threads: int = 0  # torch intra-op threads (0 = all cores)
@@ -108,6 +109,8 @@ class TrainConfig:
             raise ValueError("eval_scale must be between 0.5 and 2")
         if self.progressive and not 0.5 <= self.progressive <= 1:
             raise ValueError("progressive must be 0 (off) or between 0.5 and 1")
+        if not 1 <= self.decode_scale <= 2:
+            raise ValueError("decode_scale must be between 1 and 2")
         if self.model == "seed" and self.progressive not in (0, 1):
             raise ValueError("the seed network's dense layer fixes its input size: it cannot train progressively")
         if self.model == "seed" and self.eval_size != self.image_size:
@@ -125,6 +128,16 @@ class TrainConfig:
     def eval_size(self) -> int:
         """The input size for validation and inference: image_size x eval_scale, rounded to a multiple of 8."""
         return eval_size(self.image_size, self.eval_scale)
+
+    @property
+    def decode_size(self) -> int:
+        """The side training images are decoded at: image_size x decode_scale, rounded to a multiple of 8."""
+        return eval_size(self.image_size, self.decode_scale)
+
+    def source_size_at(self, size: int) -> int:
+        """The side of the images a training input of this size is cropped from: size x decode_scale, rounded to a
+        multiple of 8, at most decode_size (so smaller early-epoch inputs do not sample a much larger image)."""
+        return min(self.decode_size, eval_size(size, self.decode_scale))
 
     def train_size_at(self, epoch: int) -> int:
         """The training input size of an epoch (1-based): with progressive resizing it grows linearly from
@@ -154,6 +167,7 @@ class TrainConfig:
         fields = {k: v for k, v in json.loads(text).items() if k in known}
         fields.setdefault("eval_scale", 1.0)  # runs made before eval_scale existed validated at their image size
         fields.setdefault("progressive", 0.0)  # and trained at their image size throughout
+        fields.setdefault("decode_scale", 1.0)  # on images decoded at that size
         return cls(**fields)
 
     @classmethod

@@ -193,6 +193,18 @@ def eval_images(cfg: TrainConfig, paths: list[str]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def source_images(images: torch.Tensor, side: int, previous: torch.Tensor | None) -> torch.Tensor:
+    """The decoded training images (N, S, S, 3) uint8 at the given side: themselves, or resized with antialiasing
+    (the random crops then sample an image about as fine as their output, not one that would alias); previous
+    is returned when it already has that side."""
+    if images.shape[1] == side:
+        return images
+    if previous is not None and previous.shape[1] == side:
+        return previous
+    nchw = images.permute(0, 3, 1, 2)
+    return F.interpolate(nchw, size=(side, side), mode="bilinear", antialias=True).permute(0, 2, 3, 1).contiguous()
+
+
 def dataset_summary(train: ImageSet, tr_idx: np.ndarray, val_idx: np.ndarray, root: str) -> dict:
     """Counts per class and split, and the skipped files, as written to data.json."""
     counts = lambda idx: {c: int((train.labels[idx] == i).sum()) for i, c in enumerate(train.classes)}
@@ -235,7 +247,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     # 2) data: decoded once (by the first process of each node, filling the cache the others then read),
     #    train split into train/validation, stratified and seeded
     train_root = split_dir(cfg.data, "train")
-    load = lambda: load_folder(train_root, cfg.image_size, workers=cfg.workers, progress=progress)
+    load = lambda: load_folder(train_root, cfg.decode_size, workers=cfg.workers, progress=progress)
     data = distributed.leaders_first(ranks, ranks.local_rank == 0, load)
     if data is None:
         data = load()
@@ -246,7 +258,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     tr_idx, val_idx = split_indices(data.labels, cfg.val_fraction, cfg.seed)
     x_train, y_train = torch.from_numpy(data.images[tr_idx]), torch.from_numpy(data.labels[tr_idx])
     x_val, y_val = data.images[val_idx], torch.from_numpy(data.labels[val_idx])
-    if cfg.eval_size != cfg.image_size and len(val_idx) and ranks.main:
+    if cfg.eval_size != cfg.decode_size and len(val_idx) and ranks.main:
         # validation sees what inference will: the same files, decoded at the evaluation size
         x_val = eval_images(cfg, [data.paths[i] for i in val_idx])
     log(f"data: {len(tr_idx)} train / {len(val_idx)} val images, classes {data.classes}; {skip_summary(data.skipped)}")
@@ -321,6 +333,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
 
     aug = cfg.augmentation
     saved = start_epoch - 1
+    source = None
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             # 4) one pass over the training split. The epoch's generator fixes the order (one permutation; each
@@ -335,12 +348,13 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, ranks.rank))
             net.train()
             size = cfg.train_size_at(epoch)  # the image size, or smaller in early epochs with progressive resizing
+            source = source_images(x_train, cfg.source_size_at(size), source)
             loss_sum, correct, seen = 0.0, 0, 0
             bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                        disable=not progress, leave=False)
             for i in bar:
                 idx, keep = order[i:i + batch], real[i:i + batch].to(device)
-                x = augment_batch(to_tensor(x_train[idx]), gen, **aug, size=size).to(device)  # (B, 3, S, S)
+                x = augment_batch(to_tensor(source[idx]), gen, **aug, size=size).to(device)  # (B, 3, S, S)
                 y = y_train[idx].float().to(device)
                 target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
                 if cfg.mix > 0 and torch.rand(1, generator=gen).item() < cfg.mix:
