@@ -63,9 +63,9 @@ def _train(args) -> int:
     else:
         cfg = TrainConfig.for_model(
             args.model, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
-            eval_scale=args.eval_scale, progressive=args.progressive, decode_scale=args.decode_scale, batch_size=args.batch_size, lr=args.lr,
-            seed=args.seed, val_fraction=args.val_fraction, threads=args.threads, workers=args.workers,
-            bf16=args.bf16, device=args.device)
+            eval_scale=args.eval_scale, progressive=args.progressive, decode_scale=args.decode_scale,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
+            threads=args.threads, workers=args.workers, bf16=args.bf16, device=args.device)
     if args.nproc is not None and args.nproc < 1:
         raise ValueError("--nproc must be at least 1")
     if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:

@@ -184,7 +184,7 @@ def write_skipped(path: Path, skipped: list[dict]) -> None:
 
 
 def eval_images(cfg: TrainConfig, paths: list[str]) -> np.ndarray:
-    """The given files (decoded once already, at the training size) decoded at cfg.eval_size, in the order given."""
+    """The given files (decoded once already, at the decode size) decoded at cfg.eval_size, in the order given."""
     arrays, reasons = decode_files(paths, cfg.eval_size, workers=cfg.workers)
     failed = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     if failed:  # changed on disk since the first decode
