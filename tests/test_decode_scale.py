@@ -21,7 +21,11 @@ def test_the_decode_size_and_each_epochs_source_size():
     # each progressive size samples an image about decode_scale times its side, never more than the decoded one
     assert [cfg.source_size_at(s) for s in (48, 64, 96)] == [64, 88, 128]
     assert cfg.source_size_at(120) == 128
-    assert TrainConfig.for_model("resnet", image_size=96, decode_scale=1.0).decode_size == 96
+    # at scale 1 (the default) every epoch crops from the images as decoded, whatever its size: the recipe's runs
+    # train exactly as they did before decode_scale existed
+    plain = TrainConfig.for_model("resnet", image_size=96, decode_scale=1.0, progressive=0.5)
+    assert plain.decode_size == 96
+    assert {plain.source_size_at(plain.train_size_at(e)) for e in range(1, plain.epochs + 1)} == {96}
 
 
 def test_bad_values_are_refused_and_old_runs_load_at_scale_1():

@@ -136,7 +136,10 @@ class TrainConfig:
 
     def source_size_at(self, size: int) -> int:
         """The side of the images a training input of this size is cropped from: size x decode_scale, rounded to a
-        multiple of 8, at most decode_size (so smaller early-epoch inputs do not sample a much larger image)."""
+        multiple of 8, at most decode_size (so smaller early-epoch inputs do not sample a much larger image). With
+        decode_scale 1 every size crops from the decoded images themselves, as runs did before decode_scale."""
+        if self.decode_scale == 1:
+            return self.decode_size
         return min(self.decode_size, eval_size(size, self.decode_scale))
 
     def train_size_at(self, epoch: int) -> int:
