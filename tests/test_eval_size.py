@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from catdog.config import TrainConfig, eval_size
+from catdog.config import TrainConfig, scaled_size
 from catdog.data import decode_image, load_folder, split_indices
 from catdog.model import load_checkpoint, predict_probs
 from catdog.train import bce, fit
@@ -15,7 +15,7 @@ from conftest import stop_after_epoch_1
 @pytest.mark.parametrize("size, scale, expected", [(96, 1.0, 96), (96, 1.17, 112), (96, 1.25, 120), (32, 1.25, 40),
                                                    (64, 1.25, 80), (20, 0.5, 16)])
 def test_eval_size_rounds_to_a_multiple_of_8(size, scale, expected):
-    assert eval_size(size, scale) == expected
+    assert scaled_size(size, scale) == expected
 
 
 def test_the_seed_network_cannot_change_its_input_size():

@@ -43,9 +43,10 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def eval_size(image_size: int, eval_scale: float) -> int:
-    """image_size x eval_scale, rounded to a multiple of 8 (image_size itself when the scale is 1)."""
-    return image_size if eval_scale == 1 else max(16, 8 * round(image_size * eval_scale / 8))
+def scaled_size(image_size: int, scale: float) -> int:
+    """image_size x scale, rounded to a multiple of 8 (image_size itself when the scale is 1): the evaluation size
+    and the decode size of a recipe."""
+    return image_size if scale == 1 else max(16, 8 * round(image_size * scale / 8))
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,12 @@ class TrainConfig:
     @property
     def eval_size(self) -> int:
         """The input size for validation and inference: image_size x eval_scale, rounded to a multiple of 8."""
-        return eval_size(self.image_size, self.eval_scale)
+        return scaled_size(self.image_size, self.eval_scale)
 
     @property
     def decode_size(self) -> int:
         """The side training images are decoded at: image_size x decode_scale, rounded to a multiple of 8."""
-        return eval_size(self.image_size, self.decode_scale)
+        return scaled_size(self.image_size, self.decode_scale)
 
     def source_size_at(self, size: int) -> int:
         """The side of the images a training input of this size is cropped from: size x decode_scale, rounded to a
@@ -140,7 +141,7 @@ class TrainConfig:
         decode_scale 1 every size crops from the decoded images themselves, as runs did before decode_scale."""
         if self.decode_scale == 1:
             return self.decode_size
-        return min(self.decode_size, eval_size(size, self.decode_scale))
+        return min(self.decode_size, scaled_size(size, self.decode_scale))
 
     def train_size_at(self, epoch: int) -> int:
         """The training input size of an epoch (1-based): with progressive resizing it grows linearly from

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from catdog import fileio, plots
-from catdog.config import eval_size
+from catdog.config import scaled_size
 from catdog.train import RunError
 
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "layercam": "LayerCAM", "scorecam": "Score-CAM",
@@ -252,7 +252,7 @@ def render_report(run: str | Path) -> str:
     epochs = cfg.get("epochs", "?")
     size = f"{cfg.get('image_size', '?')} px"
     if cfg.get("eval_scale", 1) != 1 and isinstance(cfg.get("image_size"), int):
-        size += f" (evaluated at {eval_size(cfg['image_size'], cfg['eval_scale'])} px)"
+        size += f" (evaluated at {scaled_size(cfg['image_size'], cfg['eval_scale'])} px)"
     subtitle = f"model {cfg.get('model', '?')} · {size} · {epochs} epoch{'' if epochs == 1 else 's'}"
 
     sections = []
