@@ -46,6 +46,37 @@ def test_a_file_that_is_not_a_checkpoint_is_named_by_every_command(capsys, junk_
     assert "not a readable catdog checkpoint" in _fails(capsys, "train", "--resume", str(run))
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    ({"weights": float("nan")}, "not finite"),
+    ({"classes": ["cats"]}, "two different names"),
+    ({"classes": ["cats", "dogs", "birds"]}, "two different names"),
+    ({"classes": None}, "two different names"),
+    ({"image_size": 0}, "input size"),
+    ({"image_size": "big"}, "input size"),
+])
+def test_a_hand_edited_checkpoint_is_refused_by_every_command(capsys, trained_runs, tiny_data, tmp_path, damage,
+                                                              fragment):
+    """A checkpoint that loads but could not be used (NaN weights, not two classes, no input size) is refused up
+    front, by name, instead of failing on every image or answering with a wrong set of classes."""
+    import torch
+
+    ckpt = torch.load(trained_runs["seed"] / "best.pt", weights_only=False)
+    for key, value in damage.items():
+        if key == "weights":
+            next(iter(ckpt["state_dict"].values())).fill_(value)
+        else:
+            ckpt[key] = value
+    path = tmp_path / "edited.pt"
+    torch.save(ckpt, path)
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    for argv in (["predict", str(path), str(photo)], ["evaluate", str(path), str(tiny_data)],
+                 ["explain", str(path), str(photo), "--out", str(tmp_path / "cams")],
+                 ["export", str(path), "--out", str(tmp_path / "m.onnx")], ["serve", str(path), "--port", "0"]):
+        err = _fails(capsys, *argv)
+        assert str(path) in err and fragment in err, (argv, err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_an_onnx_file_where_a_checkpoint_is_needed_says_so(capsys, tiny_data, tmp_path):
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"\x08\x07onnx-ish bytes")

@@ -101,6 +101,13 @@ def test_unicode_file_names(client, name):
     assert r.status_code == 200 and r.json()["filename"] == name
 
 
+def _icon() -> bytes:
+    """An .ico file: Pillow decodes the pixels of such files while opening them, before any size check."""
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(buf, "ICO", sizes=[(256, 256)])
+    return buf.getvalue()
+
+
 def _bad_requests(bomb: bytes) -> dict:
     photo = CAT.read_bytes()
     over = bytes(DEFAULT_MAX_BYTES + 1)
@@ -110,8 +117,10 @@ def _bad_requests(bomb: bytes) -> dict:
         "text as an image": (dict(content=b"hello, not a picture", headers={"content-type": "image/png"}), 422, "not an image"),
         "text file upload": (dict(files={"file": ("notes.jpg", b"just text", "image/jpeg")}), 422, "not an image"),
         "truncated JPEG": (dict(content=photo[: len(photo) // 2], headers={"content-type": "image/jpeg"}), 422, "truncated"),
-        "format Pillow cannot decode": (dict(content=unimplemented_dds(), headers={"content-type": "image/jpeg"}), 422,
-                                        "cannot decode"),
+        "a format catdog does not read (DDS)": (dict(content=unimplemented_dds(), headers={"content-type": "image/jpeg"}),
+                                                422, "unrecognised format"),
+        "an icon (decoded while opening)": (dict(content=_icon(), headers={"content-type": "image/x-icon"}), 422,
+                                         "unrecognised format"),
         "decompression bomb": (dict(files={"file": ("bomb.png", bomb, "image/png")}), 413, "too many pixels"),
         "raw body over 10 MB": (dict(content=over, headers={"content-type": "image/jpeg"}), 413, "exceeds the limit"),
         "chunked body over 10 MB": (dict(content=(bytes(1 << 20) for _ in range(11)), headers={"content-type": "image/jpeg"}),
@@ -122,6 +131,9 @@ def _bad_requests(bomb: bytes) -> dict:
         "form without file": (dict(files={"photo": ("cat.jpg", photo, "image/jpeg")}), 422, "needs a 'file' field"),
         "file as text field": (dict(files={"other": ("x", b"x")}, data={"file": "cat.jpg"}), 422, "must be a file upload"),
         "multipart without boundary": (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "malformed"),
+        "multipart cut before its closing boundary": (dict(
+            content=b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n' + photo[:100],
+            headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "closing boundary"),
         "bad Content-Length": (dict(content=photo, headers={"content-type": "image/jpeg", "content-length": "abc"}), 400, "Content-Length"),
     }
 
@@ -135,9 +147,77 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(client, bomb, cas
     _assert_still_serving(client)
 
 
-def test_bad_query_parameter_is_a_422(client):
+def test_bad_query_parameter_is_a_422_with_one_message(client):
     r = client.post("/predict?cam=perhaps", content=CAT.read_bytes(), headers={"content-type": "image/jpeg"})
-    assert r.status_code == 422 and "cam" in json.dumps(r.json())
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str) and "cam" in r.json()["detail"], r.json()
+
+
+def test_a_jpeg_only_libjpeg_turbo_reads_gets_its_cam_overlay(client):
+    """A short Adobe segment makes Pillow refuse a JPEG that libjpeg-turbo decodes: the overlay is decoded the way
+    the model's input was, so the photo that was classified also gets its map."""
+    photo = CAT.read_bytes()
+    odd = photo[:2] + b"\xff\xee\x00\x07Adobe" + photo[2:]
+    r = client.post("/predict?cam=1", content=odd, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    png = base64.b64decode(r.json()["cam"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).size == Image.open(CAT).size  # the 154x128 photo, under the 320 px cap
+
+
+def test_the_page_answers_head_requests(client):
+    assert client.head("/").status_code == 200
+
+
+def test_metrics_that_are_not_numbers_are_null_in_metadata(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    results = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps({**results, "roc_auc": float("nan")}))  # one class in the split
+    meta = TestClient(create_app(copy), raise_server_exceptions=False).get("/metadata")
+    assert meta.status_code == 200 and meta.json()["metrics"]["test"]["roc_auc"] is None
+
+
+def _asgi_post(app, receive_messages) -> list[dict]:
+    """POST /predict straight through the ASGI interface, the request body coming from `receive_messages`
+    (an async function), so a test can stall or hang up the way a network client can."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"image/jpeg"), (b"content-length", b"100000")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive_messages, send))
+    return sent
+
+
+def test_a_stalled_upload_is_answered_408(run, monkeypatch):
+    import catdog.serve as serve
+
+    monkeypatch.setattr(serve, "BODY_IDLE_S", 0.3)
+    first = [{"type": "http.request", "body": CAT.read_bytes()[:500], "more_body": True}]
+
+    async def receive():
+        if first:
+            return first.pop()
+        await asyncio.sleep(3600)  # the client sends nothing more and keeps the connection open
+
+    t0 = time.perf_counter()
+    sent = _asgi_post(create_app(run), receive)
+    assert sent[0]["status"] == 408 and b"stalled" in sent[1]["body"] and time.perf_counter() - t0 < 30
+
+
+def test_a_client_hanging_up_mid_upload_is_not_a_server_error(run, caplog):
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    with caplog.at_level("INFO", logger="catdog.serve"):
+        sent = _asgi_post(create_app(run), receive)
+    assert sent[0]["status"] == 499
+    assert "client disconnected" in caplog.text and "unexpected error" not in caplog.text
 
 
 def test_the_size_limit_is_configurable(run):

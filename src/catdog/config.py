@@ -49,6 +49,16 @@ def scaled_size(image_size: int, scale: float) -> int:
     return image_size if scale == 1 else max(16, 8 * round(image_size * scale / 8))
 
 
+def model_meta_problem(classes, image_size) -> str | None:
+    """Why a saved model's classes or input size cannot be used (a damaged or hand-edited file), else None."""
+    if (not isinstance(classes, (list, tuple)) or len(classes) != 2 or len(set(classes)) != 2
+            or not all(isinstance(c, str) and c for c in classes)):
+        return f"its classes must be two different names, not {classes!r}"
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size <= 2048:
+        return f"its input size must be a whole number of pixels from 16 to 2048, not {image_size!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = field(default_factory=lambda: str(default_data_dir()))  # dataset root (DIR/<class>/ or DIR/train/<class>/)

@@ -19,9 +19,12 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from catdog import config, fileio
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Pillow reads only these formats here, whatever a file is named: some others (ICO, ICNS) decode their pixels
+# while opening, before the pixel count can be checked
+OPEN_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF")  # JPEG includes MPO (camera pairs)
 MAX_PIXELS = 50_000_000  # images larger than this are refused unread (decompression bombs)
 MAX_JPEG_BYTES = 64 << 20  # larger JPEG files go to Pillow, which reads them in pieces
-CACHE_VERSION = 3  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 4  # bump when decoding changes, so old caches are not reused
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear reason
@@ -57,12 +60,12 @@ class ImageSet:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.array(img, dtype=np.float32)  # a copy, scaled in place: a 50-megapixel image is 200 MB here
         if img.mode == "F" and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
+            arr *= 255.0
         elif img.mode != "F" and (img.mode.startswith("I;16") or arr.max(initial=0) > 255):
-            arr = arr / 257.0  # 16-bit range to 8-bit
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+            arr /= 257.0  # 16-bit range to 8-bit
+        img = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "L")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -84,7 +87,7 @@ def open_image(source, max_pixels: int = MAX_PIXELS, draft_size: int | None = No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(source)
+            img = Image.open(source, formats=OPEN_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise SkipImage(f"too many pixels ({w}x{h} > {max_pixels:,}): possible decompression bomb")
@@ -170,6 +173,14 @@ def resize_square(img: Image.Image, image_size: int) -> np.ndarray:
 
 def decode_image(source, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode one image to a (S, S, 3) uint8 array, resized without keeping the aspect ratio (as the seed)."""
+    return resize_square(load_rgb(source, image_size, max_pixels), image_size)
+
+
+def load_rgb(source, min_side: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An upright RGB image, decoded at the smallest JPEG scale that keeps both sides at least min_side.
+
+    Plain JPEGs go through libjpeg-turbo; the rest, and what it declines, through Pillow (`open_image`).
+    """
     if isinstance(source, (str, Path)):
         _check_regular_file(source)
         try:
@@ -179,9 +190,8 @@ def decode_image(source, image_size: int, max_pixels: int = MAX_PIXELS) -> np.nd
                     source = f.read()  # read once: Pillow gets these bytes when the fast path declines
         except OSError as e:
             raise SkipImage(f"cannot read file: {e.strerror or e}") from None
-    arr = _decode_jpeg_scaled(bytes(source), image_size, max_pixels) if isinstance(source, (bytes, bytearray)) else None
-    img = Image.fromarray(arr) if arr is not None else open_image(source, max_pixels, draft_size=image_size)
-    return resize_square(img, image_size)
+    arr = _decode_jpeg_scaled(bytes(source), min_side, max_pixels) if isinstance(source, (bytes, bytearray)) else None
+    return Image.fromarray(arr) if arr is not None else open_image(source, max_pixels, draft_size=min_side)
 
 
 def _decode_many(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | None, str | None]]:

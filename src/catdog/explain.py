@@ -143,9 +143,9 @@ def cams_for_images(model: nn.Module, images: np.ndarray, method: str = "gradcam
 
 def display_image(path, max_side: int = 384) -> Image.Image:
     """The upright RGB image of a file, shrunk to at most max_side pixels, for overlays and galleries."""
-    from catdog.data import open_image
+    from catdog.data import load_rgb
 
-    img = open_image(path, draft_size=max_side)
+    img = load_rgb(path, max_side)  # decoded as the model's input was, so a file the model read shows here too
     img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return img
 

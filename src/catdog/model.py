@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from catdog.config import model_meta_problem
+
 
 class SeedNet(nn.Module):
     """The seed's CNN: Conv 32 3x3 ReLU, MaxPool 2, Conv 32 3x3 ReLU, MaxPool 2, Dense 128 ReLU, Dense 1.
@@ -142,10 +144,18 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         raise ValueError(f"{path} is an ONNX model; this needs the PyTorch checkpoint (a run folder or .pt file)")
     ckpt = read_torch_file(path, device)
     try:
+        problem = model_meta_problem(ckpt["classes"], ckpt["image_size"])
+        if problem is None:
+            problem = model_meta_problem(ckpt["classes"], ckpt.get("train_size", ckpt["image_size"]))
+        if problem:
+            raise ValueError(problem)
         model = build_model(ckpt["model"], ckpt.get("train_size", ckpt["image_size"]))
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path} is not a catdog checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path} is not a usable catdog checkpoint ({type(e).__name__}: {e})") from None
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise ValueError(f"{path} holds weights that are not finite numbers (NaN or infinity): the training that "
+                         f"wrote it diverged, or the file was altered")
     model.eval().to(device)
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state_dict", "optimizer", "scheduler", "ema")}
     return model, meta

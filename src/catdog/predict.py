@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from catdog import malloc
+from catdog.config import model_meta_problem
 from catdog.data import MAX_PIXELS, SkipImage, decode_image, is_image_file
 from catdog.store import DecodeStore
 
@@ -135,6 +136,9 @@ class _OnnxRunner:
             self.image_size = int(meta["image_size"])
         except (KeyError, ValueError) as e:
             raise ModelError(f"{path} lacks catdog metadata ({e}); export it with `catdog export`") from None
+        problem = model_meta_problem(self.classes, self.image_size)
+        if problem:
+            raise ModelError(f"cannot load ONNX model {path}: {problem}")
         self.tta, self.model_name = meta.get("tta") == "true", meta.get("model", "onnx")
 
     def limit_threads(self, n: int | None) -> None:
@@ -334,10 +338,10 @@ def cam_overlay_png(source, cam_map: np.ndarray, max_side: int = 320, max_pixels
     """A PNG of the map blended over the image, scaled so its longer side is at most max_side."""
     import io
 
-    from catdog.data import open_image
+    from catdog.data import load_rgb
     from catdog.explain import overlay
 
-    img = open_image(source, max_pixels, draft_size=max_side)
+    img = load_rgb(source, max_side, max_pixels)  # decoded as the model's input was, so a file it read shows here too
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     overlay(img, cam_map).save(buf, "PNG", optimize=True)

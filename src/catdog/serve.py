@@ -13,12 +13,16 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import math
+
 import anyio
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from catdog import __version__
 from catdog.data import MAX_PIXELS, SkipImage
@@ -27,6 +31,7 @@ from catdog.predict import Classifier, cam_overlay_png
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the file itself
 RAW_TYPES = ("application/octet-stream",)  # plus any image/*
+BODY_IDLE_S = 30.0  # an upload that sends nothing for this long is answered 408, so it cannot hold a connection
 log = logging.getLogger("catdog.serve")
 
 
@@ -41,7 +46,9 @@ def _run_metrics(source: Path, runner) -> dict:
     if results.is_file():
         try:
             r = json.loads(results.read_text())
-            metrics["test"] = {k: r.get(k) for k in ("n", "accuracy", "loss", "roc_auc")}
+            # NaN (a metric undefined on a one-class split) is not JSON: it is reported as null
+            metrics["test"] = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                               for k in ("n", "accuracy", "loss", "roc_auc") for v in [r.get(k)]}
         except (OSError, ValueError):
             pass  # a damaged results file only costs the metrics
     return metrics
@@ -65,7 +72,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise HTTPException(413, f"body of {int(length):,} bytes exceeds the limit of {limit:,} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        with anyio.move_on_after(BODY_IDLE_S) as idle:
+            chunk = await anext(stream, None)
+        if idle.cancelled_caught:
+            raise HTTPException(408, f"the upload stalled: no data for {BODY_IDLE_S:.0f} s")
+        if chunk is None:
+            break
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"body exceeds the limit of {limit:,} bytes")
@@ -86,10 +100,14 @@ async def _form_file(request: Request, body: bytes) -> tuple[bytes, str | None]:
         raise HTTPException(400, f"malformed multipart body: {e}") from None
     try:
         upload = form.get("file")
+        if upload is None and not form and body.strip():
+            # python-multipart yields nothing for a body cut short of its closing boundary
+            raise HTTPException(400, "malformed multipart body: no complete part (is the closing boundary missing?)")
         if upload is None:
             raise HTTPException(422, "the multipart form needs a 'file' field holding the image")
         if not isinstance(upload, UploadFile):
-            raise HTTPException(422, "the 'file' field must be a file upload, not text")
+            raise HTTPException(422, "the 'file' field must be a file upload (a part with a filename=\"...\"), "
+                                     "not text")
         return await upload.read(), upload.filename
     finally:
         await form.close()
@@ -109,6 +127,16 @@ def create_app(run: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: 
 
     app = FastAPIOffline(title="catdog", version=__version__, redoc_url=None,
                          description=f"Classifies photos as {' or '.join(clf.classes)}, with class activation maps.")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):  # the client hung up mid-upload: nobody to answer
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request", for the access log
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(request: Request, exc: RequestValidationError):  # one message, as every other 4xx
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request parameter ({problems})"}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # last resort: log it, answer JSON, keep serving
@@ -167,7 +195,7 @@ def create_app(run: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: 
         return {**clf.info(), "cam": clf.kind == "torch", "max_bytes": max_bytes, "max_pixels": max_pixels,
                 "metrics": metrics}
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return page
 
@@ -183,4 +211,5 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_bytes:
     # One thread per inference and one inference per core: on 2 cores 92 req/s against 62 with torch's default
     # of all cores per inference, whose threads then fight over the same cores.
     app = create_app(run, max_bytes=max_bytes, threads=1)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # a bounded graceful shutdown: a connection that never finishes its request cannot keep the server up
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
