@@ -42,8 +42,12 @@ def test_a_file_that_is_not_a_checkpoint_is_named_by_every_command(capsys, junk_
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(junk_checkpoint, run / "last.pt")
-    (run / "config.json").write_text("{}")
+    from catdog.config import TrainConfig
+
+    (run / "config.json").write_text(TrainConfig(out=str(run)).to_json())
     assert "not a readable catdog checkpoint" in _fails(capsys, "train", "--resume", str(run))
+    (run / "config.json").write_text("{}")  # every run writes its model, epochs, sizes, lr and seed
+    assert "config.json is damaged (no 'model', 'epochs'" in _fails(capsys, "train", "--resume", str(run))
 
 
 @pytest.mark.parametrize("damage, fragment", [

@@ -43,6 +43,19 @@ RESUME_OPTIONS = ("command", "func", "resume", "nproc", "exist_ok", "no_eval", "
 FLAG_NAMES = {"data": "DATA", "bf16": "--bf16/--no-bf16"}  # the others are --name-with-dashes
 
 
+def _check_test_classes(data: str) -> None:
+    """Before any epoch: the test split that will be evaluated after training has the training split's classes."""
+    from catdog.data import scan_folder, split_dir
+    from catdog.report import has_test_split
+    from catdog.train import RunError
+
+    if has_test_split(data):
+        train, test = scan_folder(split_dir(data, "train"))[0], scan_folder(Path(data, "test"))[0]
+        if train != test:
+            raise RunError(f"the test split's classes {test} differ from the training split's {train}: rename the "
+                           f"folders to match, or train with --no-eval")
+
+
 def _train(args) -> int:
     from catdog.train import RunError, fit
 
@@ -68,6 +81,8 @@ def _train(args) -> int:
             threads=args.threads, workers=args.workers, bf16=args.bf16, device=args.device)
     if args.nproc is not None and args.nproc < 1:
         raise ValueError("--nproc must be at least 1")
+    if not args.no_eval and not args.resume:
+        _check_test_classes(cfg.data)
     if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args, cfg)
     summary = fit(cfg, resume=bool(args.resume), exist_ok=args.exist_ok, progress=not args.no_progress,

@@ -49,6 +49,10 @@ def scaled_size(image_size: int, scale: float) -> int:
     return image_size if scale == 1 else max(16, 8 * round(image_size * scale / 8))
 
 
+# fields every saved config.json has held since the first release (later fields default when absent)
+CORE_KEYS = ("model", "epochs", "image_size", "batch_size", "lr", "seed")
+
+
 def model_meta_problem(classes, image_size) -> str | None:
     """Why a saved model's classes or input size cannot be used (a damaged or hand-edited file), else None."""
     if (not isinstance(classes, (list, tuple)) or len(classes) != 2 or len(set(classes)) != 2
@@ -187,6 +191,10 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         try:
-            return cls.from_json(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
+            text = Path(path).read_text(encoding="utf-8")
+            missing = [k for k in CORE_KEYS if k not in json.loads(text)]
+            if missing:  # every run wrote these: without them the recipe would silently fall back to defaults
+                raise ValueError(f"no {', '.join(map(repr, missing))}")
+            return cls.from_json(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is damaged ({e})") from None

@@ -281,8 +281,12 @@ def default_cache_dir() -> Path:
 def _cache_key(root: Path, items: list[tuple[str, int]], classes: list[str], image_size: int) -> str:
     h = hashlib.sha256(json.dumps([CACHE_VERSION, image_size, classes]).encode())
     for path, label in items:
-        st = os.stat(path)
-        h.update(f"{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            size, mtime = (st := os.stat(path)).st_size, st.st_mtime_ns
+        except OSError:  # a dangling link or a file just removed: decoding reports it, the key only has to be stable
+            size, mtime = -1, -1
+        # surrogateescape: a name that is not valid UTF-8 hashes as its own bytes
+        h.update(f"{os.path.relpath(path, root)}\0{label}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:24]
 
 

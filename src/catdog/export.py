@@ -72,6 +72,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, atol: float = AT
     if out.suffix.lower() == ".pt" or (out.exists() and out.resolve() == ckpt.resolve()):
         raise ExportError(f"--out {out} would overwrite a checkpoint; give the ONNX file a name of its own "
                           f"(default: {ckpt.with_name('model.onnx')})")
+    if out.exists() and out.suffix.lower() != ".onnx":  # only an earlier export is replaced, never another file
+        raise ExportError(f"--out {out} exists and is not an ONNX file; give the model a name ending in .onnx")
 
     proto = onnx.load_from_string(_to_onnx_bytes(ProbabilityHead(model, tta).eval(), size))
     props = {"classes": json.dumps(meta["classes"]), "image_size": str(size), "input": INPUT_DOC,

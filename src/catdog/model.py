@@ -123,10 +123,11 @@ def read_torch_file(path: Path, device: str = "cpu") -> dict:
 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
-    except (IsADirectoryError, torch.cuda.OutOfMemoryError):  # not the file's fault
+    except (IsADirectoryError, FileNotFoundError, PermissionError, torch.cuda.OutOfMemoryError):  # not the file's fault
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, TypeError,
-            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
+            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError, OSError) as e:
+        # OSError: a truncated zip makes torch seek before the file's start (EINVAL)
         raise ValueError(f"{path} is not a readable catdog checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a catdog checkpoint (it holds a {type(ckpt).__name__})")

@@ -403,6 +403,24 @@ def tune_process_for_streaming() -> None:
     malloc.keep_freed_memory()
 
 
+# files of a run folder that predictions must never replace
+RUN_RECORDS = ("config.json", "data.json", "history.csv", "results.json", "skipped.csv")
+
+
+def check_rows_out(out: Path, inputs: list[str]) -> None:
+    """Refuse an --out for prediction rows that would replace something the user made: a folder, an image, a
+    model, a run's records, or a file named as an input."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    if not out.exists():
+        return
+    named = {os.path.realpath(a) for a in inputs if os.path.isfile(a)}
+    if (is_image_file(out) or out.suffix.lower() in (".pt", ".onnx") or os.path.realpath(out) in named
+            or (out.name in RUN_RECORDS and any((out.parent / m).exists() for m in ("best.pt", "last.pt")))):
+        raise ValueError(f"--out {out} would overwrite an image, a model or a run's file; give the rows a file "
+                         f"of their own (e.g. predictions.csv)")
+
+
 def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out: str | Path | None = None,
                   cam_dir: str | Path | None = None, threshold: float = 0.5, progress: bool = True,
                   chunk: int = 64, cache: bool = True, bf16: bool = False) -> tuple[int, int]:
@@ -422,8 +440,8 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
     tune_process_for_streaming()
     if cam_dir is not None and clf.kind != "torch":
         raise ModelError("--cam needs the PyTorch checkpoint (a run folder or .pt), not an .onnx file")
-    if out is not None and Path(out).is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name")
+    if out is not None:
+        check_rows_out(Path(out), inputs)
     counts = [0, 0]
     sink = fileio.atomic_open(out, "w") if out is not None else contextlib.nullcontext(sys.stdout)
     with sink as f:

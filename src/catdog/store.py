@@ -59,7 +59,12 @@ class DecodeStore:
             st = os.stat(path)
         except OSError:
             return None
-        return f"{self.tag}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
+        name = os.path.abspath(path)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a name that is not valid UTF-8 (SQLite text must be): its bytes in hex
+            name = "bytes:" + os.fsencode(name).hex()
+        return f"{self.tag}\0{name}\0{st.st_size}\0{st.st_mtime_ns}"
 
     def get(self, keys: list[str | None]) -> list[np.ndarray | None]:
         """The stored array for each key, None where there is none."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -33,6 +34,10 @@ HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 
 class RunError(Exception):
     """A run folder that cannot be used as asked (exists already, nothing to resume, ...)."""
+
+
+class TrainingDiverged(ValueError):
+    """The training loss stopped being a finite number (a learning rate too high for the model and data)."""
 
 
 def resolve_device(name: str) -> str:
@@ -65,7 +70,8 @@ RUN_MARKERS = ("config.json", "last.pt", "best.pt")  # a folder holding any of t
 # starts over it (the new run makes its own, or none: stale ones would pass the old model's results off as its own)
 RUN_FILES = ("history.csv", "data.json", "skipped.csv", "metrics.json", "results.json", "predictions.csv",
              "mistakes.csv", "report.html")
-STALE_RESULTS = ("best.pt", "metrics.json", "results.json", "predictions.csv", "mistakes.csv", "report.html")
+STALE_RESULTS = ("best.pt", "model.onnx", "metrics.json", "results.json", "predictions.csv", "mistakes.csv",
+                 "report.html")
 PLOT_FILES = ("curves.png", "confusion.png", "roc.png", "pr.png", "histogram.png", "samples.png", "cams.png",
               "mistakes.png")  # what catdog.report writes into RUN/plots/ (a test keeps the two in step)
 
@@ -208,8 +214,27 @@ def source_images(images: torch.Tensor, side: int, previous: torch.Tensor | None
 def dataset_summary(train: ImageSet, tr_idx: np.ndarray, val_idx: np.ndarray, root: str) -> dict:
     """Counts per class and split, and the skipped files, as written to data.json."""
     counts = lambda idx: {c: int((train.labels[idx] == i).sum()) for i, c in enumerate(train.classes)}
+    # the images, in order, with their labels: a resumed run checks it still trains on the same ones
+    files = hashlib.sha256("".join(f"{os.path.relpath(p, root)}\0{y}\n" for p, y in zip(train.paths, train.labels))
+                           .encode("utf-8", "surrogateescape")).hexdigest()
     return {"root": str(root), "classes": train.classes, "train": counts(tr_idx), "val": counts(val_idx),
-            "skipped": train.skipped}
+            "skipped": train.skipped, "files_sha256": files}
+
+
+def check_same_data(out: Path, now: dict) -> None:
+    """Refuse to resume on a dataset that changed since the run started (data.json): the split would move images
+    between training and validation, and the epochs left would not be those of an uninterrupted run."""
+    try:
+        then = json.loads((out / "data.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no record to compare with (a run folder from before data.json, or a damaged one)
+    keys = ["classes", "train", "val"] + (["files_sha256"] if "files_sha256" in then else [])
+    changed = [k for k in keys if then.get(k) != now[k]]
+    if changed:
+        detail = "the image files" if changed == ["files_sha256"] else (
+            f"train {then.get('train')} / val {then.get('val')} then, train {now['train']} / val {now['val']} now")
+        raise RunError(f"the dataset changed since {out} started ({detail}); resuming would train on other images "
+                       f"than the first epochs did: start a new run instead (another --out, or --exist-ok)")
 
 
 def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress: bool = True,
@@ -222,6 +247,8 @@ def fit(cfg: TrainConfig, resume: bool = False, exist_ok: bool = False, progress
     ranks = distributed.ranks_from_env()
     if not ranks.main:
         log, progress = (lambda m: None), False
+    # config.json names the data absolutely: evaluate, report and resume may run from another folder
+    cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     distributed.check_batch(cfg.batch_size, ranks.world)
     with distributed.process_group(ranks, resolve_device(cfg.device)) as device, contextlib.ExitStack() as held:
         # Adam's first moment of a weight whose gradient is zero (behind a dead ReLU) shrinks by beta1 every
@@ -254,13 +281,20 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     if len(data) == 0:
         raise RunError(f"no image in {train_root} could be read ({skip_summary(data.skipped)})")
     if len(data.classes) != 2:
-        raise RunError(f"catdog trains two-class models; {train_root} has {len(data.classes)} classes: {data.classes}")
+        raise RunError(f"catdog trains two-class models; {train_root} has {len(data.classes)} "
+                       f"{'class' if len(data.classes) == 1 else 'classes'}: {data.classes}")
+    empty = [c for i, c in enumerate(data.classes) if not (data.labels == i).any()]
+    if empty:
+        raise RunError(f"no image of class {empty[0]!r} in {train_root / empty[0]} could be read "
+                       f"({skip_summary(data.skipped)})")
     tr_idx, val_idx = split_indices(data.labels, cfg.val_fraction, cfg.seed)
     x_train, y_train = torch.from_numpy(data.images[tr_idx]), torch.from_numpy(data.labels[tr_idx])
     x_val, y_val = data.images[val_idx], torch.from_numpy(data.labels[val_idx])
     if cfg.eval_size != cfg.decode_size and len(val_idx) and ranks.main:
         # validation sees what inference will: the same files, decoded at the evaluation size
         x_val = eval_images(cfg, [data.paths[i] for i in val_idx])
+    if resume:  # every process: one that stopped here alone would leave the others waiting
+        check_same_data(out, dataset_summary(data, tr_idx, val_idx, cfg.data))
     log(f"data: {len(tr_idx)} train / {len(val_idx)} val images, classes {data.classes}; {skip_summary(data.skipped)}")
 
     # 3) model, optimiser and schedule, all seeded; with several processes DDP averages their gradients.
@@ -379,6 +413,10 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
                 bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", acc=f"{correct / max(seen, 1):.4f}")
             bar.close()
             loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], ranks, device)
+            if not math.isfinite(loss_sum):  # the weights are NaN or infinite now: nothing of this epoch is saved
+                raise TrainingDiverged(f"training diverged in epoch {epoch}: the loss is {loss_sum / seen}; "
+                                       f"{out / 'last.pt'} holds epoch {saved}. Start again with a lower --lr "
+                                       f"(this run: {cfg.lr:g})")
 
             # 5) validation, on rank 0, on the held-out part of train; it alone picks the best checkpoint
             scored = ema.module if ema is not None else model
