@@ -125,3 +125,35 @@ def test_resuming_on_changed_data_is_refused(capsys, tmp_path):
     assert "the dataset changed" in _fails(capsys, "train", "--resume", str(run))
     (data / "train" / "cats" / "renamed.jpg").rename(data / "train" / "cats" / "cat.0.jpg")
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+
+
+def test_a_run_folder_inside_the_dataset_is_refused(capsys, tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=8, n_test=2)
+    for out in (data, data / "train", data / "train" / "runs", data / "test" / "cats" / "run"):
+        assert "is inside the dataset" in _fails(capsys, "train", str(data), "--out", str(out), *QUICK)
+    assert sorted(p.name for p in (data / "train").iterdir()) == ["cats", "dogs"]
+
+
+def test_a_run_that_fails_to_start_leaves_no_folder(capsys, tmp_path):
+    _fails(capsys, "train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "run"), *QUICK)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, whatever happens
+    _fails(capsys, "train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "mine"), *QUICK)
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_evaluating_a_read_only_run_still_shows_the_metrics(capsys, trained_runs, tmp_path, monkeypatch):
+    import errno
+
+    from catdog import fileio
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["seed"], run)
+
+    def refuse(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(fileio.os, "replace", refuse)
+    assert main(["evaluate", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "accuracy" in err and f"warning: cannot write to {run} (Read-only file system)" in err, err

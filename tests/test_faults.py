@@ -224,7 +224,7 @@ def test_disk_full_at_the_start_is_a_clear_cli_error(tiny_data, tmp_path, monkey
     assert cli.main(["train", *_args(tiny_data, run, epochs=1)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"catdog: error: cannot write to {run}: No space left on device"), err
-    assert not _temp_files(run)
+    assert not run.exists()  # no temp file left, and the folder it made for the run is gone again
 
 
 def test_read_only_output_folder_is_a_clear_error(tiny_data, tmp_path, capsys):

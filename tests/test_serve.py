@@ -395,3 +395,19 @@ def test_serve_cli_refuses_a_missing_model(tmp_path):
 
     proc = run_cli("serve", str(tmp_path / "no-run"), "--port", "0", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("catdog: error: model not found") and "Traceback" not in proc.stderr
+
+
+def test_serve_cli_on_a_taken_port_or_unknown_host_is_one_line(run):
+    import socket
+
+    from conftest import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = run_cli("serve", str(run), "--port", port, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"catdog: error: cannot listen on 127.0.0.1:{port}: " \
+                                                           f"Address already in use", proc.stderr
+    proc = run_cli("serve", str(run), "--host", "no-such-host.invalid", "--port", port, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("catdog: error: cannot serve on no-such-host.invalid")

@@ -109,6 +109,8 @@ def _write_eval(run, data, device: str = "auto") -> dict:
 
 
 def _print_eval(result: dict, json_out: bool) -> None:
+    if result.get("not_saved"):
+        print(f"catdog: warning: {result['not_saved']}", file=sys.stderr)
     if json_out:
         print(json.dumps(result))
         return
@@ -126,8 +128,9 @@ def _print_eval(result: dict, json_out: bool) -> None:
 
 
 def _evaluate(args) -> int:
-    _print_eval(_write_eval(args.run, args.data, args.device), args.json)
-    return 0
+    result = _write_eval(args.run, args.data, args.device)
+    _print_eval(result, args.json)
+    return 1 if result.get("not_saved") else 0
 
 
 def _explain(args) -> int:

@@ -116,10 +116,13 @@ def evaluate_run(run: str | Path, workers: int = 0, progress: bool = False, devi
         raise RunError(f"run folder not found: {run}")
     result = evaluate(run, None, workers=workers, progress=progress, with_arrays=True, device=device)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
-    fileio.write_text(run / "results.json", json.dumps(public, indent=2))
-    write_evaluation(run, result)
-    write_plots(run, result)
-    write_report(run)
+    try:
+        fileio.write_text(run / "results.json", json.dumps(public, indent=2))
+        write_evaluation(run, result)
+        write_plots(run, result)
+        write_report(run)
+    except OSError as e:  # a read-only or full run folder: the metrics are still worth showing
+        public["not_saved"] = f"cannot write to {run} ({e.strerror or e}): these results were not saved"
     return public
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
-
-import math
 
 import anyio
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -211,5 +211,28 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_bytes:
     # One thread per inference and one inference per core: on 2 cores 92 req/s against 62 with torch's default
     # of all cores per inference, whose threads then fight over the same cores.
     app = create_app(run, max_bytes=max_bytes, threads=1)
+    sock = _listening_socket(host, port)
     # a bounded graceful shutdown: a connection that never finishes its request cannot keep the server up
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+    print(f"serving {run} on http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]} "
+          f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listening_socket(host: str, port: int):
+    """The server's socket, bound here so that a taken port or an unknown host is one clear error, not a log."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock

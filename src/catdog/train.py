@@ -129,14 +129,34 @@ def lock_run_dir(out: Path) -> Iterator[None]:
         f.close()  # releases the lock, also when the process dies
 
 
+def _remove_if_unused(out: Path) -> None:
+    """Remove a run folder this run created when it holds nothing but its lock file."""
+    with contextlib.suppress(OSError):
+        if all(entry.name == ".lock" for entry in out.iterdir()):
+            (out / ".lock").unlink(missing_ok=True)
+            out.rmdir()
+
+
+def check_out_outside_data(out: Path, data: Path) -> None:
+    """Refuse a run folder that is the dataset or sits among its class folders: it would become a class, or mix
+    the run's files with the photos."""
+    out, data = Path(os.path.abspath(out)), Path(os.path.abspath(data))
+    class_roots = [data / "train", data / "test"] if (data / "train").is_dir() else [data]
+    if out == data or any(out == r or r in out.parents for r in class_roots):
+        raise RunError(f"--out {out} is inside the dataset {data}; give the run a folder outside it")
+
+
 def claim_run_dir(out: Path, resume: bool, exist_ok: bool, held: contextlib.ExitStack) -> None:
     """Lock `out` for this run (kept in `held`), refuse an existing run unless asked, drop a killed run's temp files."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create {out}: {e.strerror or e}") from None
+    if created:  # after the lock is let go: a run that failed before writing anything leaves no folder behind
+        held.callback(_remove_if_unused, out)
     held.enter_context(lock_run_dir(out))
     if resume:
         _check_writable(out)
@@ -269,6 +289,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     amp = autocast_dtype(device, cfg.bf16)  # None: full float32
 
     # 1) rank 0 claims the run folder: a lock held to the end, so a concurrent run into it refuses
+    check_out_outside_data(out, Path(cfg.data))
     distributed.leaders_first(ranks, ranks.main, lambda: claim_run_dir(out, resume, exist_ok, held))
 
     # 2) data: decoded once (by the first process of each node, filling the cache the others then read),
