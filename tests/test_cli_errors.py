@@ -184,3 +184,20 @@ def test_a_damaged_config_json_is_named(capsys, trained_runs, tmp_path):
     (run / "config.json").write_text('{"model": "seed",')  # cut short
     for argv in (["train", "--resume", str(run)], ["report", str(run)]):
         assert f"{run / 'config.json'} is damaged" in _fails(capsys, *argv)
+
+
+def test_version_and_a_unicode_bug_is_an_internal_error(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    from catdog import __version__
+
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"catdog {__version__}"
+    import catdog.cli as cli
+
+    def broken(args):
+        "x\udcff".encode("utf-8")  # what a surrogate-escaped file name does to a careless encode
+
+    monkeypatch.setattr(cli, "_evaluate", broken)
+    monkeypatch.delenv("CATDOG_DEBUG", raising=False)
+    assert main(["evaluate", "somewhere"]) == 1  # a bug, not the user's bad input (which exits 2)
+    assert "catdog: internal error: UnicodeEncodeError" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from catdog import __version__
 from catdog.config import MODELS, TrainConfig
 
 
@@ -273,6 +274,7 @@ def _run_error() -> type[Exception]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="catdog", description="Train, evaluate, explain, export and serve a CNN "
                                  "image classifier (cats vs dogs by default).")
+    ap.add_argument("--version", action="version", version=f"catdog {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model into a run folder")
@@ -386,8 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda m: print(m, file=sys.stderr)) if rank == "0" else (lambda m: None)
     say_any = lambda m: print(m if rank == "0" else f"[rank {rank}] {m}", file=sys.stderr)
     started = time.time()
+    def internal_error(e: Exception) -> int:  # a bug: one line, and the traceback when asked for
+        if os.environ.get("CATDOG_DEBUG"):
+            raise e
+        say_any(f"catdog: internal error: {type(e).__name__}: {e} (set CATDOG_DEBUG=1 for the traceback)")
+        return 1
+
     try:
         return args.func(args)
+    except UnicodeError as e:  # a ValueError, but never a user's bad input here: a bug
+        return internal_error(e)
     except (DataError, _run_error(), FileNotFoundError, ValueError) as e:
         say(f"catdog: error: {e}")
         return 2
@@ -404,8 +414,5 @@ def main(argv: list[str] | None = None) -> int:
         resumable = last and os.path.exists(last) and (args.resume or os.path.getmtime(last) >= started)
         say("catdog: interrupted" + (f"; resume with: catdog train --resume {run}" if resumable else ""))
         return 130
-    except Exception as e:  # a bug: one line, and the traceback when asked for
-        if os.environ.get("CATDOG_DEBUG"):
-            raise
-        say_any(f"catdog: internal error: {type(e).__name__}: {e} (set CATDOG_DEBUG=1 for the traceback)")
-        return 1
+    except Exception as e:
+        return internal_error(e)

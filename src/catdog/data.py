@@ -220,7 +220,7 @@ def decode_files(paths: list[str], image_size: int, workers: int = 0, max_pixels
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(paths), desc="decode", unit="img", leave=False)
+        bar = tqdm(total=len(paths), desc="decode", unit="img", leave=False, disable=None)  # terminals only
     results: list[tuple[np.ndarray | None, str | None]] = []
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(workers, initializer=_leave_ctrl_c_to_the_parent) as pool:

@@ -27,7 +27,8 @@ def fetch(url: str, dest: Path, sha256: str | None = None, timeout: float = 60, 
             bar = None
             if progress:
                 from tqdm import tqdm
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc="download", leave=False)
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="download", leave=False,
+                           disable=None)  # terminals only
             while chunk := resp.read(CHUNK):
                 f.write(chunk)
                 digest.update(chunk)

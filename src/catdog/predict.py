@@ -159,7 +159,7 @@ class Classifier:
 
     def __init__(self, runner, source: Path, threshold: float = 0.5, max_pixels: int = MAX_PIXELS):
         if not 0 < threshold < 1:
-            raise ValueError(f"threshold must be between 0 and 1, not {threshold}")
+            raise ValueError(f"threshold must be strictly between 0 and 1, not {threshold}")
         self.runner, self.source, self.threshold, self.max_pixels = runner, source, threshold, max_pixels
 
     @classmethod

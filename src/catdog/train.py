@@ -406,7 +406,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             source = source_images(x_train, cfg.source_size_at(size), source)
             loss_sum, correct, seen = 0.0, 0, 0
             bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                       disable=not progress, leave=False)
+                       disable=None if progress else True, leave=False)  # None: terminals only
             for i in bar:
                 idx, keep = order[i:i + batch], real[i:i + batch].to(device)
                 x = augment_batch(to_tensor(source[idx]), gen, **aug, size=size).to(device)  # (B, 3, S, S)
