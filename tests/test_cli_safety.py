@@ -157,3 +157,15 @@ def test_evaluating_a_read_only_run_still_shows_the_metrics(capsys, trained_runs
     assert main(["evaluate", str(run)]) == 1
     err = capsys.readouterr().err
     assert "accuracy" in err and f"warning: cannot write to {run} (Read-only file system)" in err, err
+
+
+def test_a_file_in_the_way_of_an_output_and_a_bad_atol_are_one_line(capsys, trained_runs, tiny_data, tmp_path):
+    blocker = tmp_path / "afile.txt"
+    blocker.write_text("mine")
+    photo = next((tiny_data / "test" / "cats").glob("*.jpg"))
+    err = _fails(capsys, "predict", str(trained_runs["seed"]), str(photo), "--out", str(blocker / "x.csv"))
+    assert f"a file is in the way of {blocker / 'x.csv'}" in err
+    for bad in ("-1", "nan"):
+        assert "--atol must be a number of 0 or more" in _fails(capsys, "export", str(trained_runs["seed"]), "--out",
+                                                                 str(tmp_path / "m.onnx"), "--atol", bad)
+    assert blocker.read_text() == "mine" and not (tmp_path / "m.onnx").exists()

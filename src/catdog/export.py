@@ -61,6 +61,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, atol: float = AT
     """Export a run (or .pt) to ONNX, verify it against PyTorch on a seeded batch, then write it atomically."""
     import onnx
 
+    if not 0 <= atol < float("inf"):  # also refuses nan, before the export and its check run
+        raise ExportError(f"--atol must be a number of 0 or more, not {atol}")
     ckpt = resolve_model(run)
     if ckpt.suffix != ".pt":
         raise ExportError(f"{ckpt} is already an ONNX file; export needs a run folder or a .pt checkpoint")

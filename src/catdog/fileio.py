@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -53,7 +54,10 @@ def atomic_open(path: str | Path, mode: str = "wb", private: bool = False) -> It
     are written back as those bytes.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # mkdir's own message names only the file in the way
+        raise NotADirectoryError(errno.ENOTDIR, f"a file is in the way of {path}", str(path.parent)) from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX)
     try:
         if not private:

@@ -234,5 +234,4 @@ def _listening_socket(host: str, port: int):
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.set_inheritable(True)
     return sock
