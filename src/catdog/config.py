@@ -49,6 +49,11 @@ def scaled_size(image_size: int, scale: float) -> int:
     return image_size if scale == 1 else max(16, 8 * round(image_size * scale / 8))
 
 
+RUN_MARKERS = ("config.json", "last.pt", "best.pt")  # a folder holding any of these holds a run
+# what a run writes at its top level, besides them
+RUN_FILES = ("history.csv", "data.json", "skipped.csv", "metrics.json", "results.json", "predictions.csv",
+             "mistakes.csv", "report.html")
+
 # fields every saved config.json has held since the first release (later fields default when absent)
 CORE_KEYS = ("model", "epochs", "image_size", "batch_size", "lr", "seed")
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from catdog import malloc
-from catdog.config import model_meta_problem
+from catdog.config import RUN_FILES, RUN_MARKERS, model_meta_problem
 from catdog.data import MAX_PIXELS, SkipImage, decode_image, is_image_file
 from catdog.store import DecodeStore
 
@@ -403,10 +403,6 @@ def tune_process_for_streaming() -> None:
     malloc.keep_freed_memory()
 
 
-# files of a run folder that predictions must never replace
-RUN_RECORDS = ("config.json", "data.json", "history.csv", "results.json", "skipped.csv")
-
-
 def check_rows_out(out: Path, inputs: list[str]) -> None:
     """Refuse an --out for prediction rows that would replace something the user made: a folder, an image, a
     model, a run's records, or a file named as an input."""
@@ -415,8 +411,9 @@ def check_rows_out(out: Path, inputs: list[str]) -> None:
     if not out.exists():
         return
     named = {os.path.realpath(a) for a in inputs if os.path.isfile(a)}
+    in_a_run = any((out.parent / m).exists() for m in RUN_MARKERS if m != out.name)
     if (is_image_file(out) or out.suffix.lower() in (".pt", ".onnx") or os.path.realpath(out) in named
-            or (out.name in RUN_RECORDS and any((out.parent / m).exists() for m in ("best.pt", "last.pt")))):
+            or (out.name in RUN_MARKERS + RUN_FILES and in_a_run)):
         raise ValueError(f"--out {out} would overwrite an image, a model or a run's file; give the rows a file "
                          f"of their own (e.g. predictions.csv)")
 

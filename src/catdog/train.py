@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from catdog import distributed, fileio, malloc
 from catdog.augment import augment_batch, mix_batch, to_tensor
-from catdog.config import TrainConfig
+from catdog.config import RUN_FILES, RUN_MARKERS, TrainConfig
 from catdog.data import ImageSet, decode_files, load_folder, skip_summary, split_dir, split_indices
 from catdog.model import build_model, predict_probs, read_torch_file
 
@@ -65,11 +65,8 @@ def _check_writable(out: Path) -> None:
         raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
 
 
-RUN_MARKERS = ("config.json", "last.pt", "best.pt")  # a folder holding any of these holds a run
-# what a run writes at its top level, besides them; and what is left of an earlier run's evaluation when a new run
-# starts over it (the new run makes its own, or none: stale ones would pass the old model's results off as its own)
-RUN_FILES = ("history.csv", "data.json", "skipped.csv", "metrics.json", "results.json", "predictions.csv",
-             "mistakes.csv", "report.html")
+# what is left of an earlier run's evaluation when a new run starts over it (the new run makes its own, or none:
+# stale ones would pass the old model's results off as its own)
 STALE_RESULTS = ("best.pt", "model.onnx", "metrics.json", "results.json", "predictions.csv", "mistakes.csv",
                  "report.html")
 PLOT_FILES = ("curves.png", "confusion.png", "roc.png", "pr.png", "histogram.png", "samples.png", "cams.png",
