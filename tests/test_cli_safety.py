@@ -169,3 +169,21 @@ def test_a_file_in_the_way_of_an_output_and_a_bad_atol_are_one_line(capsys, trai
         assert "--atol must be a number of 0 or more" in _fails(capsys, "export", str(trained_runs["seed"]), "--out",
                                                                  str(tmp_path / "m.onnx"), "--atol", bad)
     assert blocker.read_text() == "mine" and not (tmp_path / "m.onnx").exists()
+
+
+def test_predict_table_rows_stay_one_line_and_bad_cam_or_empty_inputs_are_explained(capsys, trained_runs, tiny_data,
+                                                                                    tmp_path):
+    odd = tmp_path / "two\nlines.jpg"
+    shutil.copy(next((tiny_data / "test" / "cats").glob("*.jpg")), odd)
+    assert main(["predict", str(trained_runs["seed"]), str(odd)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].endswith("two\\nlines.jpg")  # header + one row
+    blocker = tmp_path / "afile.txt"
+    blocker.write_text("mine")
+    assert main(["predict", str(trained_runs["seed"]), str(odd), "--cam", str(blocker)]) == 2
+    refused = capsys.readouterr()
+    assert "--cam" in refused.err and "is a file" in refused.err and blocker.read_text() == "mine"
+    assert refused.out == ""  # refused before any row was printed
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(trained_runs["seed"]), str(tmp_path / "empty")]) == 1
+    assert "no image file under" in capsys.readouterr().err

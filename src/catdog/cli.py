@@ -219,6 +219,11 @@ def _predict(args) -> int:
                                 bf16=args.bf16)
     print(f"predicted {n_ok} image(s), {n_bad} unreadable" + (f"; rows in {args.out}" if args.out else ""),
           file=sys.stderr)
+    if not n_ok + n_bad:
+        from catdog.data import IMAGE_EXTS
+
+        print(f"catdog: no image file under {', '.join(args.paths)} (folders are searched for "
+              f"{' '.join(sorted(IMAGE_EXTS))})", file=sys.stderr)
     return 0 if n_ok else 1
 
 

@@ -348,6 +348,11 @@ def cam_overlay_png(source, cam_map: np.ndarray, max_side: int = 320, max_pixels
     return buf.getvalue()
 
 
+def _one_line(text: str) -> str:
+    """A file name for the table: line breaks and tabs in it shown escaped, so each row stays one line."""
+    return text.translate({10: "\\n", 13: "\\r", 9: "\\t"})
+
+
 class RowWriter:
     """Writes prediction rows as they come: an aligned table, CSV, or a JSON array (one object per line)."""
 
@@ -378,10 +383,10 @@ class RowWriter:
             self.f.write(("\n" if self.n == 0 else ",\n") + json.dumps(keep, ensure_ascii=False))
         elif row["error"]:
             self.f.write("  ".join([*(f"{'-':>10}" for _ in self.classes), f"{'unreadable':<12}",
-                                    f"{row['path']}  ({row['error']})"]) + "\n")
+                                    f"{_one_line(row['path'])}  ({row['error']})"]) + "\n")
         else:
             self.f.write("  ".join([*(f"{probs[c]:>10.4f}" for c in self.classes), f"{row['class']:<12}",
-                                    row["path"]]) + "\n")
+                                    _one_line(row["path"])]) + "\n")
         self.n += 1
 
     def close(self) -> None:
@@ -439,6 +444,8 @@ def predict_files(source: str | Path, inputs: list[str], fmt: str = "table", out
         raise ModelError("--cam needs the PyTorch checkpoint (a run folder or .pt), not an .onnx file")
     if out is not None:
         check_rows_out(Path(out), inputs)
+    if cam_dir is not None and Path(cam_dir).exists() and not Path(cam_dir).is_dir():
+        raise ValueError(f"--cam {cam_dir} is a file; give a folder for the CAM overlays")
     counts = [0, 0]
     sink = fileio.atomic_open(out, "w") if out is not None else contextlib.nullcontext(sys.stdout)
     with sink as f:
