@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from catdog import fileio, malloc  # noqa: E402
-from catdog.augment import augment_batch, mix_batch, to_tensor  # noqa: E402
+from catdog.augment import augment_batch, flip_batch, mix_batch, to_tensor  # noqa: E402
 from catdog.config import TrainConfig  # noqa: E402
 from catdog.data import load_folder, split_dir, split_indices  # noqa: E402
 from catdog.model import build_model, predict_probs  # noqa: E402
@@ -35,17 +35,21 @@ from stepping import timed_step  # noqa: E402  (benchmarks/, the script's own fo
 STAGES = ("augment", "forward", "backward", "step")
 
 
-def timed_steps(model, opt, x_train, y_train, cfg: TrainConfig, size: int, steps: int) -> dict:
+def timed_steps(model, opt, x_train, y_train, cfg: TrainConfig, size: int, steps: int, fine: bool = False) -> dict:
     """Median seconds per stage of one training step at `size` px, as fit() runs it (bf16 autocast, channels-last,
-    the recipe's augmentation; every batch mixed, the recipe's worst case, when it mixes at all)."""
+    the recipe's augmentation; every batch mixed, the recipe's worst case, when it mixes at all). fine: a
+    fine-tuning step, on x_train decoded at that size, flipped only."""
     gen = torch.Generator().manual_seed(size)
     marks = {k: [] for k in STAGES}
     for i in range(steps + 2):  # the first two warm oneDNN up for this size
         idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
         t0 = time.perf_counter()
-        x = augment_batch(to_tensor(x_train[idx]), gen, **cfg.augmentation, size=size)
         target = y_train[idx].float() * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-        if cfg.mix > 0:
+        if fine:
+            x = flip_batch(to_tensor(x_train[idx]), gen)
+        else:
+            x = augment_batch(to_tensor(x_train[idx]), gen, **cfg.augmentation, size=size)
+        if cfg.mix > 0 and not fine:
             x, target = mix_batch(x, target, gen)
         t1 = time.perf_counter()
         t2, t3, t4 = timed_step(model, opt, x, target, cfg.bf16)
@@ -84,12 +88,15 @@ def main() -> None:
     x_train, y_train = torch.from_numpy(data.images[tr_idx]), torch.from_numpy(data.labels[tr_idx])
     x_val = eval_images(cfg, [data.paths[i] for i in val_idx])
     steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
-    epochs_at = Counter(cfg.train_size_at(e) for e in range(1, cfg.epochs + 1))
+    # (input px, fine-tuning?) -> epochs
+    epochs_at = Counter((cfg.train_size_at(e), cfg.is_finetune(e)) for e in range(1, cfg.epochs + 1))
+    x_fine = (torch.from_numpy(eval_images(cfg, [data.paths[i] for i in tr_idx])) if cfg.finetune_epochs else None)
 
     torch.manual_seed(0)
     model = build_model("resnet", cfg.image_size).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.weight_decay, fused=True)
-    per_size = {s: timed_steps(model, opt, x_train, y_train, cfg, s, args.steps) for s in sorted(epochs_at)}
+    per_size = {(s, fine): timed_steps(model, opt, x_fine if fine else x_train, y_train, cfg, s, args.steps, fine)
+                for s, fine in sorted(epochs_at)}
     ops = top_operators(model, opt, x_train, y_train, cfg, cfg.image_size)
 
     val = []
@@ -110,7 +117,9 @@ def main() -> None:
              f"Made by `python benchmarks/recipe_profile.py`: {os.cpu_count()} CPU cores, {torch.get_num_threads()} "
              f"torch threads, nothing else running. The `resnet` recipe trains {cfg.epochs} epochs of "
              f"{len(tr_idx)} images ({steps_per_epoch} steps of {cfg.batch_size}), bf16 autocast "
-             f"{'on' if cfg.bf16 else 'off'}, channels-last, at the input sizes of its progressive schedule. Each "
+             f"{'on' if cfg.bf16 else 'off'}, channels-last, at the input sizes of its progressive schedule"
+             + (f", then {cfg.finetune_epochs} fine-tuning epochs on whole images at {cfg.eval_size} px (flip only, "
+                "no mixing)" if cfg.finetune_epochs else "") + ". Each "
              f"stage is the median over {args.steps} steps"
              + (f" (every batch mixed, the worst case: the recipe mixes {cfg.mix:.0%} of them)" if cfg.mix else "")
              + f", in milliseconds per step; an epoch is that times {steps_per_epoch}.\n",
@@ -119,9 +128,10 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     epoch_s = {s: sum(t.values()) * steps_per_epoch for s, t in per_size.items()}
     train_s = sum(epochs_at[s] * epoch_s[s] for s in per_size)
-    for s, t in per_size.items():
-        lines.append(f"| {s} | {epochs_at[s]} | " + " | ".join(f"{t[k] * 1e3:.1f}" for k in STAGES)
-                     + f" | {sum(t.values()) * 1e3:.1f} | {epoch_s[s]:.2f} | {epochs_at[s] * epoch_s[s] / train_s:.0%} |")
+    for (s, fine), t in per_size.items():
+        lines.append(f"| {s}{' (fine-tuning)' if fine else ''} | {epochs_at[s, fine]} | " + " | ".join(f"{t[k] * 1e3:.1f}" for k in STAGES)
+                     + f" | {sum(t.values()) * 1e3:.1f} | {epoch_s[s, fine]:.2f} | "
+                     f"{epochs_at[s, fine] * epoch_s[s, fine] / train_s:.0%} |")
     other = cfg.epochs * (val_s + ckpt_s)
     lines += ["",
               f"Every epoch also validates ({len(val_idx)} images at {cfg.eval_size} px"

@@ -87,6 +87,11 @@ def augment_batch(x: Tensor, gen: torch.Generator, shear: float = 0.2, zoom: flo
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def flip_batch(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Mirror each image of a float batch (B, C, H, W) left to right with even odds; channels-last out."""
+    mirror = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(mirror[:, None, None, None], x.flip(3), x).contiguous(memory_format=torch.channels_last)
+
 
 def mix_batch(x: Tensor, y: Tensor, gen: torch.Generator, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """Mixup or CutMix (even odds) of the batch with a shuffled copy of itself; y becomes the mixed targets."""

@@ -78,6 +78,7 @@ def _train(args) -> int:
         cfg = TrainConfig.for_model(
             args.model, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
             eval_scale=args.eval_scale, progressive=args.progressive, decode_scale=args.decode_scale,
+            finetune=args.finetune,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
             threads=args.threads, workers=args.workers, bf16=args.bf16, device=args.device)
     if args.nproc is not None and args.nproc < 1:
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decode-scale", type=float,
                    help="decode training images at image-size x this; random crops resample from that "
                         "(default: the model's recipe; 1 for seed)")
+    t.add_argument("--finetune", type=float, metavar="SHARE",
+                   help="this share of the epochs, at the end, fine-tunes on whole images at the evaluation size, "
+                        "flipped only (default: the model's recipe; 0 = off)")
     t.add_argument("--batch-size", type=int,
                    help="global batch: images per step over all processes (each takes batch/nproc)")
     t.add_argument("--lr", type=float)

@@ -28,12 +28,17 @@ EVAL_SCALE = 1.15
 # the size reaches image_size at this share of the epochs, so the last ones train at the final size.
 PROGRESSIVE_RAMP = 0.85
 
+# Fine-tuning at the evaluation size (Touvron et al. 2019 again): the last `finetune` share of the epochs train on
+# whole images at the size the model is evaluated at, flipped only, from a fresh optimiser state at this share of the
+# peak learning rate (a 10 % linear warm-up, then cosine decay to zero).
+FINETUNE_LR_SHARE = 1 / 30
+
 # Per-model training recipes; a command-line flag overrides any field.
 RECIPES: dict[str, dict] = {
     # The seed's recipe, as in seed_keras.py: Adam 1e-3, batch 32, 25 epochs, shear/zoom/flip.
     "seed": dict(epochs=25, batch_size=32, lr=1e-3, weight_decay=0.0, optimizer="adam", schedule="constant",
                  image_size=64, label_smoothing=0.0, shear=0.2, zoom=0.2, crop=0.0, jitter=0.0, erase=0.0, mix=0.0,
-                 ema=0.0, tta=False, bf16=False, eval_scale=1.0, progressive=0.0, decode_scale=1.0),
+                 ema=0.0, tta=False, bf16=False, eval_scale=1.0, progressive=0.0, decode_scale=1.0, finetune=0.0),
     # The default from-scratch recipe, chosen on validation accuracy (benchmarks/accuracy.md): 96 px input
     # (48 px at first, growing), random-resized crop + flip + colour jitter + mixup/cutmix, AdamW with a one-cycle
     # schedule, bf16 autocast.
@@ -93,6 +98,7 @@ class TrainConfig:
     eval_scale: float = EVAL_SCALE  # validation and inference input size = image_size x eval_scale (resnet only)
     progressive: float = 0.5  # training input starts at this share of image_size and grows to it (0 = off)
     decode_scale: float = 1.0  # training images are decoded at image_size x decode_scale; crops resample from that
+    finetune: float = 0.0  # share of the epochs, at the end, that fine-tune on whole images at the eval size (0 = off)
     val_fraction: float = 0.1  # stratified share of train held out to choose the checkpoint
     seed: int = 0  # seeds the split, the shuffling, the augmentation and the weights
     threads: int = 0  # torch intra-op threads (0 = all cores)
@@ -129,6 +135,8 @@ class TrainConfig:
             raise ValueError("eval_scale must be between 0.5 and 2")
         if self.progressive and not 0.5 <= self.progressive <= 1:
             raise ValueError("progressive must be 0 (off) or between 0.5 and 1")
+        if not 0 <= self.finetune <= 0.5:
+            raise ValueError("finetune must be a share of the epochs from 0 (off) to 0.5")
         if not 1 <= self.decode_scale <= 2:
             raise ValueError("decode_scale must be between 1 and 2")
         if self.model == "seed" and self.progressive not in (0, 1):
@@ -162,11 +170,28 @@ class TrainConfig:
             return self.decode_size
         return min(self.decode_size, scaled_size(size, self.decode_scale))
 
+    @property
+    def finetune_epochs(self) -> int:
+        """The fine-tuning epochs at the end: the finetune share of the epochs, rounded (none in short runs)."""
+        return round(self.epochs * self.finetune)
+
+    @property
+    def main_epochs(self) -> int:
+        """The epochs before fine-tuning: the learning-rate schedule and progressive resizing span these."""
+        return self.epochs - self.finetune_epochs
+
+    def is_finetune(self, epoch: int) -> bool:
+        """Whether an epoch (1-based) is one of the fine-tuning epochs at the end."""
+        return epoch > self.main_epochs
+
     def train_size_at(self, epoch: int) -> int:
         """The training input size of an epoch (1-based): with progressive resizing it grows linearly from
-        image_size x progressive to image_size over the first PROGRESSIVE_RAMP share of the epochs, in steps of 8 px
-        in between; from there on, and for a one-epoch run, it is image_size."""
-        ramp = round(PROGRESSIVE_RAMP * self.epochs) - 1
+        image_size x progressive to image_size over the first PROGRESSIVE_RAMP share of the main epochs, in steps of
+        8 px in between; from there on, and for a one-epoch run, it is image_size; fine-tuning epochs train at the
+        evaluation size."""
+        if self.is_finetune(epoch):
+            return self.eval_size
+        ramp = round(PROGRESSIVE_RAMP * self.main_epochs) - 1
         if not self.progressive or self.progressive == 1 or epoch - 1 >= ramp:
             return self.image_size
         start = self.image_size * self.progressive
@@ -191,6 +216,7 @@ class TrainConfig:
         fields.setdefault("eval_scale", 1.0)  # runs made before eval_scale existed validated at their image size
         fields.setdefault("progressive", 0.0)  # and trained at their image size throughout
         fields.setdefault("decode_scale", 1.0)  # on images decoded at that size
+        fields.setdefault("finetune", 0.0)  # without fine-tuning at the end
         return cls(**fields)
 
     @classmethod

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from catdog import distributed, fileio, malloc
-from catdog.augment import augment_batch, mix_batch, to_tensor
-from catdog.config import RUN_FILES, RUN_MARKERS, TrainConfig
+from catdog.augment import augment_batch, flip_batch, mix_batch, to_tensor
+from catdog.config import FINETUNE_LR_SHARE, RUN_FILES, RUN_MARKERS, TrainConfig
 from catdog.data import ImageSet, decode_files, load_folder, skip_summary, split_dir, split_indices
 from catdog.model import build_model, predict_probs, read_torch_file
 
@@ -184,6 +184,16 @@ def make_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int):
     return None
 
 
+def finetune_lr(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate of a fine-tuning step (0-based, of `total`): a 10 % linear warm-up to the peak learning
+    rate x FINETUNE_LR_SHARE, then cosine decay to zero. It follows from the step alone, so a resume needs no state."""
+    warm = max(1, total // 10)
+    peak = cfg.lr * FINETUNE_LR_SHARE
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
 def bce(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean binary cross-entropy of probabilities, clipped as Keras does."""
     p = probs.clamp(1e-7, 1 - 1e-7)
@@ -334,7 +344,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
     n = len(tr_idx)
     batch = cfg.batch_size // ranks.world  # per process
     steps_per_epoch = math.ceil(math.ceil(n / ranks.world) / batch)
-    sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch)
+    sched = make_scheduler(opt, cfg.schedule, cfg.main_epochs * steps_per_epoch)  # fine-tuning has its own
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)  # float16 gradients need scaling
     ema = None
     if cfg.ema > 0:
@@ -385,7 +395,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
 
     aug = cfg.augmentation
     saved = start_epoch - 1
-    source = None
+    source = fine_source = None
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             # 4) one pass over the training split. The epoch's generator fixes the order (one permutation; each
@@ -400,17 +410,33 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, ranks.rank))
             net.train()
             size = cfg.train_size_at(epoch)  # the image size, or smaller in early epochs with progressive resizing
-            source = source_images(x_train, cfg.source_size_at(size), source)
+            fine = cfg.is_finetune(epoch)  # the last epochs: whole images at the evaluation size, flipped only
+            if fine:
+                if fine_source is None:
+                    fine_source = (torch.from_numpy(eval_images(cfg, [data.paths[i] for i in tr_idx]))
+                                   if cfg.eval_size != cfg.decode_size else x_train)
+                if epoch == cfg.main_epochs + 1:  # a fresh start for Adam's moments (a resume repeats this)
+                    opt.state.clear()
+            else:
+                source = source_images(x_train, cfg.source_size_at(size), source)
             loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                       disable=None if progress else True, leave=False)  # None: terminals only
-            for i in bar:
+            bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}" + (" fine-tune" * fine),
+                       unit="batch", disable=None if progress else True, leave=False)  # None: terminals only
+            for step, i in enumerate(bar):
                 idx, keep = order[i:i + batch], real[i:i + batch].to(device)
-                x = augment_batch(to_tensor(source[idx]), gen, **aug, size=size).to(device)  # (B, 3, S, S)
                 y = y_train[idx].float().to(device)
                 target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-                if cfg.mix > 0 and torch.rand(1, generator=gen).item() < cfg.mix:
-                    x, target = mix_batch(x, target, gen)
+                if fine:
+                    x = to_tensor(fine_source[idx])
+                    x = (flip_batch(x, gen) if cfg.flip else x.contiguous(memory_format=torch.channels_last)).to(device)
+                    lr = finetune_lr(cfg, (epoch - cfg.main_epochs - 1) * steps_per_epoch + step,
+                                     cfg.finetune_epochs * steps_per_epoch)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                else:
+                    x = augment_batch(to_tensor(source[idx]), gen, **aug, size=size).to(device)  # (B, 3, S, S)
+                    if cfg.mix > 0 and torch.rand(1, generator=gen).item() < cfg.mix:
+                        x, target = mix_batch(x, target, gen)
                 with torch.autocast(device_type=device.split(":")[0], dtype=amp or torch.bfloat16,
                                     enabled=amp is not None):
                     logits = net(x).float().squeeze(1)  # (B,)
@@ -420,7 +446,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                if sched is not None:
+                if sched is not None and not fine:
                     sched.step()
                 if ema is not None:
                     ema.update_parameters(model)
@@ -448,7 +474,9 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             row = distributed.broadcast(row, ranks)  # every rank keeps the same history, so the same best
             history.append(row)
             score = (row["val_acc"], -row["val_loss"]) if len(val_idx) else (epoch, 0)
-            is_best = best is None or tuple(score) > tuple(best)
+            # with fine-tuning, the checkpoint is chosen among the fine-tuning epochs: an epoch before them wins
+            # only by noise (one image of the validation split) and was never adapted to the evaluation size
+            is_best = best is None or tuple(score) > tuple(best) or (fine and epoch == cfg.main_epochs + 1)
 
             # 6) checkpoints, by rank 0: best (weights only) and last (everything needed to resume), each
             #    temp file + rename, so a crash at any point leaves every file whole
