@@ -78,8 +78,8 @@ def test_recipe_profile_runs_on_a_tiny_set(tiny_data, tmp_path):
     from catdog.config import TrainConfig
 
     cfg = TrainConfig.for_model("resnet", image_size=32)
-    sizes = [cfg.train_size_at(e) for e in range(1, cfg.epochs + 1)]
-    rows = re.findall(r"\n\| (\d+) \| (\d+) \|(?: [\d.]+ \|){6} \d+% \|", text)
-    assert [(int(s), int(n)) for s, n in rows] == [(s, sizes.count(s)) for s in sorted(set(sizes))]
+    sizes = [(cfg.train_size_at(e), cfg.is_finetune(e)) for e in range(1, cfg.epochs + 1)]
+    rows = re.findall(r"\n\| (\d+)( \(fine-tuning\))? \| (\d+) \|(?: [\d.]+ \|){6} \d+% \|", text)
+    assert [(int(s), bool(f), int(n)) for s, f, n in rows] == [(s, f, sizes.count((s, f))) for s, f in sorted(set(sizes))]
     assert len(rows) > 1  # the schedule grows, so its smaller sizes are profiled too
     assert re.search(r"\| `aten::\w+` \| \d+\.\d% \|", text)
