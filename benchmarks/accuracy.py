@@ -48,7 +48,6 @@ ABLATIONS: dict[str, dict] = {
     # the first 240 epochs are the recipe's own, then 5 fine-tuning epochs; best.pt among those 5
     "with fine-tuning at 112 px (245 epochs, the last 5 on whole images)": {"epochs": 245, "finetune": 0.02},
 }
-FINETUNE_ROW = "with fine-tuning at 112 px (245 epochs, the last 5 on whole images)"
 NOTES_HEADING = "## How the recipe was chosen"
 RECIPE_KEYS = ("image_size", "eval_scale", "progressive", "epochs", "batch_size", "lr", "optimizer", "schedule",
                "weight_decay", "label_smoothing", "crop", "jitter", "erase", "mix", "ema", "tta", "bf16")

@@ -90,7 +90,8 @@ def main() -> None:
     steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
     # (input px, fine-tuning?) -> epochs
     epochs_at = Counter((cfg.train_size_at(e), cfg.is_finetune(e)) for e in range(1, cfg.epochs + 1))
-    x_fine = (torch.from_numpy(eval_images(cfg, [data.paths[i] for i in tr_idx])) if cfg.finetune_epochs else None)
+    x_fine = (torch.from_numpy(eval_images(cfg, [data.paths[i] for i in tr_idx], "training"))
+              if cfg.finetune_epochs else None)
 
     torch.manual_seed(0)
     model = build_model("resnet", cfg.image_size).to(memory_format=torch.channels_last).train()
@@ -129,7 +130,8 @@ def main() -> None:
     epoch_s = {s: sum(t.values()) * steps_per_epoch for s, t in per_size.items()}
     train_s = sum(epochs_at[s] * epoch_s[s] for s in per_size)
     for (s, fine), t in per_size.items():
-        lines.append(f"| {s}{' (fine-tuning)' if fine else ''} | {epochs_at[s, fine]} | " + " | ".join(f"{t[k] * 1e3:.1f}" for k in STAGES)
+        lines.append(f"| {s}{' (fine-tuning)' if fine else ''} | {epochs_at[s, fine]} | "
+                     + " | ".join(f"{t[k] * 1e3:.1f}" for k in STAGES)
                      + f" | {sum(t.values()) * 1e3:.1f} | {epoch_s[s, fine]:.2f} | "
                      f"{epochs_at[s, fine] * epoch_s[s, fine] / train_s:.0%} |")
     other = cfg.epochs * (val_s + ckpt_s)

@@ -56,10 +56,15 @@ def unimplemented_dds() -> bytes:
     return b"DDS " + header + bytes(40) + bytes(256)
 
 
-def stop_after_epoch_1(line: str) -> None:
-    """A fit() log function that interrupts training, as Ctrl-C would, once epoch 1 is logged (and saved)."""
-    if line.startswith("epoch 1/"):
-        raise KeyboardInterrupt
+def stop_after_epoch(n: int):
+    """A fit() log function that interrupts training, as Ctrl-C would, once epoch n is logged (and saved)."""
+    def log(line: str) -> None:
+        if line.startswith(f"epoch {n}/"):
+            raise KeyboardInterrupt
+    return log
+
+
+stop_after_epoch_1 = stop_after_epoch(1)
 
 
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

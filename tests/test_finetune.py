@@ -11,11 +11,7 @@ import torch
 from catdog.augment import flip_batch
 from catdog.config import FINETUNE_LR_SHARE, TrainConfig
 from catdog.train import finetune_lr, fit
-
-
-def _stop_after_epoch_2(line: str) -> None:
-    if line.startswith("epoch 2/"):
-        raise KeyboardInterrupt
+from conftest import stop_after_epoch
 
 
 def _history(run):
@@ -85,7 +81,7 @@ def test_resume_into_the_fine_tuning_epochs_gives_the_same_result(tiny_data, tmp
     fit(_cfg(tiny_data, tmp_path / "full"), progress=False, log=lambda m: None)
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(tiny_data, part), progress=False, log=_stop_after_epoch_2)
+        fit(_cfg(tiny_data, part), progress=False, log=stop_after_epoch(2))
     fit(TrainConfig.load(part / "config.json"), resume=True, progress=False, log=lambda m: None)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["state_dict"]
     b = torch.load(part / "last.pt", weights_only=False)["state_dict"]

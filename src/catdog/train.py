@@ -216,12 +216,13 @@ def write_skipped(path: Path, skipped: list[dict]) -> None:
     fileio.write_text(path, buf.getvalue())
 
 
-def eval_images(cfg: TrainConfig, paths: list[str]) -> np.ndarray:
-    """The given files (decoded once already, at the decode size) decoded at cfg.eval_size, in the order given."""
+def eval_images(cfg: TrainConfig, paths: list[str], role: str = "validation") -> np.ndarray:
+    """The given files (decoded once already, at the decode size) decoded at cfg.eval_size, in the order given;
+    role names them in the error."""
     arrays, reasons = decode_files(paths, cfg.eval_size, workers=cfg.workers)
     failed = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     if failed:  # changed on disk since the first decode
-        raise RunError(f"{len(failed)} validation image(s) could not be decoded at {cfg.eval_size} px: "
+        raise RunError(f"{len(failed)} {role} image(s) could not be decoded at {cfg.eval_size} px: "
                        f"{failed[0][0]} ({failed[0][1]})")
     return np.stack(arrays)
 
@@ -413,10 +414,13 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             fine = cfg.is_finetune(epoch)  # the last epochs: whole images at the evaluation size, flipped only
             if fine:
                 if fine_source is None:
-                    fine_source = (torch.from_numpy(eval_images(cfg, [data.paths[i] for i in tr_idx]))
+                    fine_source = (torch.from_numpy(eval_images(cfg, [data.paths[i] for i in tr_idx], "training"))
                                    if cfg.eval_size != cfg.decode_size else x_train)
-                if epoch == cfg.main_epochs + 1:  # a fresh start for Adam's moments (a resume repeats this)
+                if epoch == cfg.main_epochs + 1:
+                    # a fresh start, which a resume repeats: Adam's moments, and the checkpoint is chosen among the
+                    # fine-tuning epochs only (an earlier one would win by noise, never adapted to the evaluation size)
                     opt.state.clear()
+                    best = None
             else:
                 source = source_images(x_train, cfg.source_size_at(size), source)
             loss_sum, correct, seen = 0.0, 0, 0
@@ -427,8 +431,8 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
                 y = y_train[idx].float().to(device)
                 target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
                 if fine:
-                    x = to_tensor(fine_source[idx])
-                    x = (flip_batch(x, gen) if cfg.flip else x.contiguous(memory_format=torch.channels_last)).to(device)
+                    x = to_tensor(fine_source[idx])  # channels-last already
+                    x = (flip_batch(x, gen) if cfg.flip else x).to(device)
                     lr = finetune_lr(cfg, (epoch - cfg.main_epochs - 1) * steps_per_epoch + step,
                                      cfg.finetune_epochs * steps_per_epoch)
                     for g in opt.param_groups:
@@ -474,9 +478,7 @@ def _fit(cfg: TrainConfig, ranks: distributed.Ranks, device: str, held: contextl
             row = distributed.broadcast(row, ranks)  # every rank keeps the same history, so the same best
             history.append(row)
             score = (row["val_acc"], -row["val_loss"]) if len(val_idx) else (epoch, 0)
-            # with fine-tuning, the checkpoint is chosen among the fine-tuning epochs: an epoch before them wins
-            # only by noise (one image of the validation split) and was never adapted to the evaluation size
-            is_best = best is None or tuple(score) > tuple(best) or (fine and epoch == cfg.main_epochs + 1)
+            is_best = best is None or tuple(score) > tuple(best)
 
             # 6) checkpoints, by rank 0: best (weights only) and last (everything needed to resume), each
             #    temp file + rename, so a crash at any point leaves every file whole
